@@ -8,8 +8,11 @@ and `orjson` is only a fast path that is taken when it provably gives the same
 text:
 
 - decoding: orjson accepts exactly RFC 8259 JSON (no NaN, no Infinity), which is
-  what Synapse's decoder accepts, except lone surrogate escapes and integers
-  beyond 64 bits; for those, and only those, the standard decoder is tried.
+  what Synapse's decoder accepts, except lone surrogate escapes and nesting
+  deeper than 1024; for those the standard decoder is tried. orjson silently
+  turns integers beyond 64 bits into floats, so a text holding a run of 19 or
+  more digits (the only way to write such an integer) goes to the standard
+  decoder directly.
 - encoding: orjson writes UTF-8 and formats floats differently, and writes NaN as
   ``null``. Its output is used only for values made of str, int, bool, None,
   lists, tuples and str-keyed dicts (no float anywhere) and when that output is
@@ -20,6 +23,7 @@ text:
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import orjson
@@ -42,6 +46,10 @@ _orjson_dumps: Final = orjson.dumps
 _OrjsonDecodeError: Final = orjson.JSONDecodeError
 _OrjsonEncodeError: Final = orjson.JSONEncodeError
 _NoneType: Final = type(None)
+# Every integer orjson decodes as an int (-2**63 to 2**64 - 1) has at most 19
+# digits, and every one it turns into a float at least 19.
+_MAYBE_BIG_INT: Final = re.compile("[0-9]{19}")
+_MAYBE_BIG_INT_BYTES: Final = re.compile(b"[0-9]{19}")
 
 
 def _plain(value: Any) -> bool:
@@ -110,12 +118,22 @@ def decode_json(text: str | bytes) -> JsonValue:
     Raises ValueError (json.JSONDecodeError or orjson's subclass of it) for
     anything that is not a single valid JSON value.
     """
+    if isinstance(text, bytes):
+        maybe_big_int = _MAYBE_BIG_INT_BYTES.search(text) is not None
+    else:
+        maybe_big_int = _MAYBE_BIG_INT.search(text) is not None
+    if not maybe_big_int:
+        try:
+            return _orjson_loads(text)
+        except _OrjsonDecodeError:
+            # orjson refuses a few inputs the standard decoder accepts (lone
+            # surrogate escapes, deep nesting); give those a second chance so
+            # that we accept everything Synapse accepts.
+            pass
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
     try:
-        return _orjson_loads(text)
-    except _OrjsonDecodeError:
-        # orjson refuses a few inputs the standard decoder accepts (lone
-        # surrogate escapes, integers beyond 64 bits); give those a second
-        # chance so that we accept everything Synapse accepts.
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
         return _std_decoder.decode(text)
+    except RecursionError:
+        # The standard decoder recurses once per nesting level.
+        raise json.JSONDecodeError("JSON nested too deeply", text, 0) from None

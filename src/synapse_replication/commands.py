@@ -55,7 +55,9 @@ BATCH_TOKEN: Final = "batch"
 
 
 def _parse_int(cmd: str, line: str, what: str, text: str) -> int:
-    """`text` as an integer, accepting only what `str(int)` produces."""
+    """`text` as an integer: ASCII digits with an optional leading minus, as
+    Synapse writes them (no sign, spaces, underscores or other digits that
+    Python's `int()` would also take)."""
     digits = text[1:] if text[:1] == "-" else text
     if digits.isdigit() and digits.isascii():
         try:
@@ -588,9 +590,15 @@ def encode_command(cmd: Command) -> bytes:
     """The line for `cmd`, UTF-8 encoded, without the newline.
 
     Raises CommandEncodeError if the line would contain a newline (a reader would
-    see two lines) or a field would split wrongly.
+    see two lines), a lone surrogate (it has no UTF-8 form) or a field would
+    split wrongly.
     """
     line = f"{cmd.NAME} {cmd.to_line()}"
     if "\n" in line:
         raise CommandEncodeError(f"Cannot send {cmd.NAME}: the line contains a newline")
-    return line.encode("utf-8")
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in a name or text field
+        raise CommandEncodeError(
+            f"Cannot send {cmd.NAME}: the line is not valid Unicode"
+        ) from None

@@ -1,0 +1,1 @@
+The wire format of Synapse 1.163's replication protocol (all fifteen commands, byte-identical to Synapse's lines) and the direct TCP transport with its handshake, keepalive, direction rules and bounded backpressure.
