@@ -1,0 +1,1 @@
+Streams end to end: `events`, `typing`, `receipts` (plus `caches`, `account_data`, `to_device`, `presence`, `device_lists`, `push_rules`, `pushers`), an SQLite store with a committed-only stream id generator, the replication streamer and command handler with catch-up on POSITION, the public `synapse_replication.testing` helpers, and the `synapse-replication demo` main job.

@@ -1,0 +1,128 @@
+# -*- test-case-name: tests.test_handler -*-
+"""Where replicated rows end up: the interface user code implements.
+
+The command handler calls `on_rdata` with every group of rows that share a
+token, in token order per writer, exactly once, and `on_position` when a
+writer's position moved without rows (or after a catch-up). Both may return an
+awaitable; the next rows of that stream wait for it.
+
+`ReplicationDataHandler` is the base to build on: it keeps the reader's
+position per (stream, writer), which the command handler consults to decide
+what it has already seen, and lets tests wait for a position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+_log = Logger(namespace="synapse_replication.data_handler")
+
+# A key in the position table: (stream name, writer instance name).
+PositionKey = tuple[str, str]
+
+
+class IReplicationDataHandler(Interface):
+    """Receives rows and positions of the streams an instance follows."""
+
+    def get_position(stream_name: str, instance_name: str) -> int | None:
+        """The token up to which rows of that writer were handled, or None if
+        nothing is known of it yet (a new reader then starts from the writer's
+        announced position, not from the beginning of time)."""
+
+    def on_rdata(
+        stream_name: str, instance_name: str, token: int, rows: list[Any]
+    ) -> Awaitable[None] | None:
+        """Typed rows that share `token`, written by `instance_name`."""
+
+    def on_position(stream_name: str, instance_name: str, token: int) -> Awaitable[None] | None:
+        """Every row of that writer up to `token` has been delivered."""
+
+    def on_stream_reset(
+        stream_name: str, instance_name: str, token: int
+    ) -> Awaitable[None] | None:
+        """The writer's stream went backwards (an in-memory stream whose writer
+        restarted): drop what was held from it. The position is now `token`
+        (where the refetch starts) and the writer's current rows follow
+        through `on_rdata`."""
+
+
+@implementer(IReplicationDataHandler)
+class ReplicationDataHandler:
+    """Position bookkeeping for a reader; subclass and override `process_rows`
+    (and `process_reset`) to act on rows.
+
+    The position of a (stream, writer) moves to a token only once the rows of
+    that token were processed, so a failure in `process_rows` leaves the
+    position where a retry can start.
+    """
+
+    def __init__(self, initial_positions: Mapping[PositionKey, int] | None = None) -> None:
+        self._positions: dict[PositionKey, int] = dict(initial_positions or {})
+        self._waiters: dict[PositionKey, list[tuple[int, Deferred[None]]]] = {}
+
+    def get_position(self, stream_name: str, instance_name: str) -> int | None:
+        return self._positions.get((stream_name, instance_name))
+
+    def positions(self) -> dict[PositionKey, int]:
+        """A copy of every known position."""
+        return dict(self._positions)
+
+    def process_rows(
+        self, stream_name: str, instance_name: str, token: int, rows: list[Any]
+    ) -> Awaitable[None] | None:
+        """Act on rows; the default does nothing."""
+        return None
+
+    def process_reset(self, stream_name: str, instance_name: str, token: int) -> None:
+        """Forget state held from a writer whose stream went backwards."""
+
+    def on_rdata(
+        self, stream_name: str, instance_name: str, token: int, rows: list[Any]
+    ) -> Awaitable[None] | None:
+        result = self.process_rows(stream_name, instance_name, token, rows)
+        if result is None:
+            self._advance(stream_name, instance_name, token)
+            return None
+        return self._advance_after(result, stream_name, instance_name, token)
+
+    async def _advance_after(
+        self, result: Awaitable[None], stream_name: str, instance_name: str, token: int
+    ) -> None:
+        await result
+        self._advance(stream_name, instance_name, token)
+
+    def on_position(self, stream_name: str, instance_name: str, token: int) -> None:
+        self._advance(stream_name, instance_name, token)
+
+    def on_stream_reset(self, stream_name: str, instance_name: str, token: int) -> None:
+        self.process_reset(stream_name, instance_name, token)
+        self._positions[(stream_name, instance_name)] = token
+
+    def _advance(self, stream_name: str, instance_name: str, token: int) -> None:
+        key = (stream_name, instance_name)
+        if token > self._positions.get(key, token - 1):
+            self._positions[key] = token
+        waiters = self._waiters.get(key)
+        if waiters:
+            position = self._positions[key]
+            ready = [d for t, d in waiters if t <= position]
+            waiters[:] = [(t, d) for t, d in waiters if t > position]
+            for d in ready:
+                d.callback(None)
+
+    def wait_for_stream_position(
+        self, stream_name: str, instance_name: str, token: int
+    ) -> Deferred[None]:
+        """Fires once the position of that writer reaches `token`."""
+        d: Deferred[None] = Deferred()
+        position = self.get_position(stream_name, instance_name)
+        if position is not None and position >= token:
+            d.callback(None)
+        else:
+            self._waiters.setdefault((stream_name, instance_name), []).append((token, d))
+        return d

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_streamer -*-
+"""`ReplicationStreamer`: turns new rows of the streams we write into commands.
+
+Woken by `on_notifier_poke` after every commit, it asks each stream for the rows
+since what it last published and sends them as RDATA; rows that share a token
+go out with token ``batch`` except the last, so a reader delivers them
+together. When a stream's token moved without rows (an id whose transaction
+rolled back, say) it sends POSITION instead, so readers' tokens keep moving.
+
+With nobody connected it still advances the streams' published positions: a
+reader that connects later starts from its POSITION, and must not be sent rows
+written before it connected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from synapse_replication.commands import PositionCommand, RdataCommand
+from synapse_replication.handler import ReplicationCommandHandler
+from synapse_replication.streams import (
+    DEFAULT_TARGET_ROW_COUNT,
+    Stream,
+    group_updates_by_token,
+)
+
+_log: Final = Logger(namespace="synapse_replication.streamer")
+
+
+class ReplicationStreamer:
+    """Publishes the streams this instance writes through a command handler."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        command_handler: ReplicationCommandHandler,
+        streams: Sequence[Stream[Any]],
+        target_row_count: int = DEFAULT_TARGET_ROW_COUNT,
+    ) -> None:
+        self._clock = clock
+        self._handler = command_handler
+        self._streams = list(streams)
+        self._instance_name = command_handler.instance_name
+        self._target_row_count = target_row_count
+        self._pending = False
+        self._running: Deferred[None] | None = None
+
+    def on_notifier_poke(self) -> None:
+        """New rows may exist: publish them soon. Cheap, and safe to call from
+        inside a write path; the work runs asynchronously and coalesces."""
+        self._pending = True
+        if self._running is None:
+            running = Deferred.fromCoroutine(self._run())
+            running.addErrback(lambda f: _log.failure("Replication streamer loop failed", f))
+            # A run that finished at once has already cleared `_running` (in
+            # `_run`'s finally): keeping its Deferred would block later pokes.
+            if not running.called:
+                self._running = running
+
+    def wait_until_idle(self) -> Deferred[None]:
+        """Fires once everything poked so far has been published."""
+        d: Deferred[None] = Deferred()
+        if self._running is None:
+            d.callback(None)
+        else:
+            self._running.addBoth(lambda _: d.callback(None))
+        return d
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                self._pending = False
+                if not self._handler.connected():
+                    for stream in self._streams:
+                        stream.discard_updates_and_advance()
+                    continue
+                for stream in self._streams:
+                    try:
+                        await self._publish(stream)
+                    except Exception:
+                        # One broken source must not stop the other streams; the
+                        # next poke retries from the same published position.
+                        _log.failure("Failed to publish stream {stream!r}", stream=stream.NAME)
+        finally:
+            self._running = None
+
+    async def _publish(self, stream: Stream[Any]) -> None:
+        while True:
+            last_token = stream.last_token
+            updates, current_token, limited = await stream.get_updates(self._target_row_count)
+            if current_token == last_token:
+                return
+            if not updates:
+                # The token moved without rows: say so, or readers' positions
+                # would stay behind until the next row.
+                self._handler.send_command(
+                    PositionCommand(stream.NAME, self._instance_name, last_token, current_token)
+                )
+            else:
+                send = self._handler.send_command
+                name = stream.NAME
+                instance = self._instance_name
+                for token, rows in group_updates_by_token(updates):
+                    for row in rows[:-1]:
+                        send(RdataCommand(name, instance, None, row))
+                    send(RdataCommand(name, instance, token, rows[-1]))
+            if not limited:
+                return

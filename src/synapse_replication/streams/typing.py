@@ -1,0 +1,45 @@
+# -*- test-case-name: tests.streams.test_streams -*-
+"""The `typing` stream: who is typing in a room, held in the writer's memory.
+
+A row is ``[room_id, [user_id, ...]]``: the room's whole list, replacing the
+previous one. Only one instance writes it, and it keeps no history: a reader
+that missed rows asks the writer itself (over HTTP) for the rooms that changed.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+from synapse_replication._json import JsonValue
+from synapse_replication.streams._base import (
+    Stream,
+    check_str,
+    check_str_list,
+    row_list,
+)
+
+NAME: Final = "typing"
+
+
+@attrs.frozen(slots=True)
+class TypingStreamRow:
+    room_id: str
+    user_ids: tuple[str, ...]
+
+
+class TypingStream(Stream[TypingStreamRow]):
+    NAME = NAME
+    ROW_TYPE = TypingStreamRow
+
+    @classmethod
+    def parse_row(cls, row: JsonValue) -> TypingStreamRow:
+        f = row_list(NAME, row, 2)
+        return TypingStreamRow(
+            check_str(NAME, "room_id", f[0]), check_str_list(NAME, "user_ids", f[1])
+        )
+
+    @classmethod
+    def row_to_json(cls, row: TypingStreamRow) -> JsonValue:
+        return [row.room_id, list(row.user_ids)]
