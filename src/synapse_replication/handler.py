@@ -150,6 +150,10 @@ class ReplicationCommandHandler:
     def connected(self) -> bool:
         return bool(self._connections)
 
+    def is_idle(self) -> bool:
+        """No command is being handled or waiting (for tests and shutdown)."""
+        return not self._busy and not any(self._queues.values())
+
     def new_connection(self, connection: IReplicationConnection) -> None:
         _log.info("Replication connection up: {conn}", conn=connection.describe())
         self._connections.append(connection)

@@ -63,6 +63,10 @@ class ReplicationStreamer:
             if not running.called:
                 self._running = running
 
+    def is_idle(self) -> bool:
+        """Nothing poked is left to publish."""
+        return self._running is None and not self._pending
+
     def wait_until_idle(self) -> Deferred[None]:
         """Fires once everything poked so far has been published."""
         d: Deferred[None] = Deferred()
