@@ -47,3 +47,35 @@ class CommandEncodeError(ReplicationError, ValueError):
 
 class StreamRowError(ReplicationError, ValueError):
     """A row received for a stream does not have that stream's shape."""
+
+
+class HttpCatchUpError(ReplicationError):
+    """Rows a reader missed could not be fetched over HTTP from the instance
+    that wrote them: unknown instance, refused request, bad answer, or
+    retries exhausted. Nothing of a failed fetch is delivered, so the caller
+    may simply ask again (the command handler does, after a delay).
+
+    Names the instance, stream and token range asked for, `reason` (the last
+    error) and `status`, the HTTP status of the last answer if there was one.
+    """
+
+    def __init__(
+        self,
+        *,
+        instance_name: str,
+        stream_name: str,
+        from_token: int,
+        upto_token: int,
+        reason: str,
+        status: int | None = None,
+    ) -> None:
+        self.instance_name = instance_name
+        self.stream_name = stream_name
+        self.from_token = from_token
+        self.upto_token = upto_token
+        self.reason = reason
+        self.status = status
+        super().__init__(
+            f"Could not fetch {stream_name} rows ({from_token}, {upto_token}] "
+            f"from instance {instance_name!r} over HTTP: {reason}"
+        )

@@ -17,7 +17,10 @@ import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 
-from synapse_replication.data_handler import IReplicationDataHandler, ReplicationDataHandler
+from synapse_replication.data_handler import (
+    IReplicationDataHandler,
+    ReplicationDataHandler,
+)
 from synapse_replication.handler import HandlerLimits, ReplicationCommandHandler
 from synapse_replication.storage import Stores, TypingWriter, open_sqlite_store
 from synapse_replication.streamer import ReplicationStreamer
