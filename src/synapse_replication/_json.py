@@ -4,17 +4,14 @@
 Synapse encodes with the standard library (compact separators, ASCII only with
 ``\\uXXXX`` escapes, NaN refused) and decodes with it too (NaN refused). Bytes we
 emit must be identical to Synapse's, so the standard library is the definition
-and `orjson` is only a fast path that is taken when it provably gives the same
-text:
+and `msgspec` is only a fast path, taken when it provably gives the same result:
 
-- decoding: orjson accepts exactly RFC 8259 JSON (no NaN, no Infinity), which is
-  what Synapse's decoder accepts, except lone surrogate escapes and nesting
-  deeper than 1024; for those the standard decoder is tried. orjson silently
-  turns integers beyond 64 bits into floats, so a text holding a run of 19 or
-  more digits (the only way to write such an integer) goes to the standard
-  decoder directly.
-- encoding: orjson writes UTF-8 and formats floats differently, and writes NaN as
-  ``null``. Its output is used only for values made of str, int, bool, None,
+- decoding: msgspec accepts exactly RFC 8259 JSON (no NaN, no Infinity) and
+  keeps integers of any size exact, which is what Synapse's decoder does, except
+  for lone surrogate escapes, numbers too large for a float, and very deep
+  nesting; only those go to the standard decoder.
+- encoding: msgspec writes UTF-8 and formats floats differently, and writes NaN
+  as ``null``. Its output is used only for values made of str, int, bool, None,
   lists, tuples and str-keyed dicts (no float anywhere) and when that output is
   pure printable ASCII; otherwise the standard encoder produces the text, and
   raises for NaN and Infinity as Synapse's does.
@@ -23,10 +20,9 @@ text:
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Final
 
-import orjson
+import msgspec
 
 # A JSON value as decoded: what a row or a command argument can be.
 JsonValue = Any
@@ -41,19 +37,16 @@ def _refuse_constant(name: str) -> Any:
 
 
 _std_decoder: Final = json.JSONDecoder(parse_constant=_refuse_constant)
-_orjson_loads: Final = orjson.loads
-_orjson_dumps: Final = orjson.dumps
-_OrjsonDecodeError: Final = orjson.JSONDecodeError
-_OrjsonEncodeError: Final = orjson.JSONEncodeError
+_fast_decode: Final = msgspec.json.Decoder().decode
+_fast_encode: Final = msgspec.json.Encoder().encode
+# msgspec's ValidationError is a DecodeError; neither is a ValueError.
+_FastDecodeError: Final = msgspec.DecodeError
+_FastEncodeErrors: Final = (msgspec.EncodeError, UnicodeEncodeError, OverflowError)
 _NoneType: Final = type(None)
-# Every integer orjson decodes as an int (-2**63 to 2**64 - 1) has at most 19
-# digits, and every one it turns into a float at least 19.
-_MAYBE_BIG_INT: Final = re.compile("[0-9]{19}")
-_MAYBE_BIG_INT_BYTES: Final = re.compile(b"[0-9]{19}")
 
 
 def _plain(value: Any) -> bool:
-    """True if `value` holds only types that orjson encodes as the standard
+    """True if `value` holds only types that msgspec encodes as the standard
     library does: no float (formatting and NaN differ), no exotic types."""
     t = type(value)
     if t is str or t is int or t is _NoneType or t is bool:
@@ -87,13 +80,14 @@ def encode_json(value: JsonValue) -> str:
     """
     if _plain(value):
         try:
-            out = _orjson_dumps(value)
-        except _OrjsonEncodeError:
-            # Integers beyond 64 bits: the standard encoder handles them.
+            out = _fast_encode(value)
+        except _FastEncodeErrors:
+            # Lone surrogates have no UTF-8 form: the standard encoder
+            # escapes them.
             pass
         else:
             # Non-ASCII must become \uXXXX escapes and DEL is escaped by the
-            # standard encoder but not by orjson; both are rare on the wire.
+            # standard encoder but not by msgspec; both are rare on the wire.
             if out.isascii() and b"\x7f" not in out:
                 return out.decode("ascii")
     return _std_encoder.encode(value)
@@ -103,8 +97,8 @@ def encode_json_bytes(value: JsonValue) -> bytes:
     """`encode_json(value)` as ASCII bytes, skipping a decode on the fast path."""
     if _plain(value):
         try:
-            out = _orjson_dumps(value)
-        except _OrjsonEncodeError:
+            out = _fast_encode(value)
+        except _FastEncodeErrors:
             pass
         else:
             if out.isascii() and b"\x7f" not in out:
@@ -115,21 +109,16 @@ def encode_json_bytes(value: JsonValue) -> bytes:
 def decode_json(text: str | bytes) -> JsonValue:
     """Parse one JSON document as Synapse does: NaN and Infinity refused.
 
-    Raises ValueError (json.JSONDecodeError or orjson's subclass of it) for
-    anything that is not a single valid JSON value.
+    Raises ValueError (json.JSONDecodeError) for anything that is not a single
+    valid JSON value; never any other exception.
     """
-    if isinstance(text, bytes):
-        maybe_big_int = _MAYBE_BIG_INT_BYTES.search(text) is not None
-    else:
-        maybe_big_int = _MAYBE_BIG_INT.search(text) is not None
-    if not maybe_big_int:
-        try:
-            return _orjson_loads(text)
-        except _OrjsonDecodeError:
-            # orjson refuses a few inputs the standard decoder accepts (lone
-            # surrogate escapes, deep nesting); give those a second chance so
-            # that we accept everything Synapse accepts.
-            pass
+    try:
+        return _fast_decode(text)
+    except (_FastDecodeError, RecursionError):
+        # The few inputs the standard decoder accepts and msgspec does not
+        # (lone surrogate escapes, 1e400, deep nesting) get a second chance,
+        # so that we accept exactly what Synapse accepts.
+        pass
     if isinstance(text, bytes):
         text = text.decode("utf-8")
     try:

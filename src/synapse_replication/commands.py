@@ -21,7 +21,12 @@ from typing import ClassVar, Final, Self, TypeAlias
 
 import attrs
 
-from synapse_replication._json import JsonValue, decode_json, encode_json
+from synapse_replication._json import (
+    JsonValue,
+    decode_json,
+    encode_json,
+    encode_json_bytes,
+)
 from synapse_replication.errors import CommandEncodeError, CommandParseError
 
 __all__ = [
@@ -108,6 +113,21 @@ class Command(abc.ABC):
     @abc.abstractmethod
     def to_line(self) -> str:
         """The rest of the line for this command (what follows ``NAME ``)."""
+
+    def to_bytes(self) -> bytes:
+        """The whole line, UTF-8 encoded, without the newline (see
+        `encode_command`, which is the way to call this)."""
+        line = f"{self.NAME} {self.to_line()}"
+        if "\n" in line:
+            raise CommandEncodeError(
+                f"Cannot send {self.NAME}: the line contains a newline"
+            )
+        try:
+            return line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in a name or text field
+            raise CommandEncodeError(
+                f"Cannot send {self.NAME}: the line is not valid Unicode"
+            ) from None
 
 
 @attrs.frozen(slots=True)
@@ -268,22 +288,43 @@ class RdataCommand(Command):
         stream_name, instance_name, token_text, row_json = parts
         if not stream_name or not instance_name:
             raise CommandParseError(cls.NAME, line, "empty stream or instance name")
-        token = (
-            None
-            if token_text == BATCH_TOKEN
-            else _parse_int(cls.NAME, line, "token", token_text)
-        )
+        # The most frequent line of all: plain digits are converted inline.
+        token: int | None
+        if token_text.isdigit() and token_text.isascii():
+            token = int(token_text)
+        elif token_text == BATCH_TOKEN:
+            token = None
+        else:
+            token = _parse_int(cls.NAME, line, "token", token_text)
         return cls(stream_name, instance_name, token, _parse_json(cls.NAME, line, row_json))
 
-    def to_line(self) -> str:
+    def _head(self) -> str:
         _check_word(self.NAME, "stream name", self.stream_name)
         _check_word(self.NAME, "instance name", self.instance_name)
         token = self.token
         return (
             f"{self.stream_name} {self.instance_name} "
             f"{BATCH_TOKEN if token is None else int(token)} "
-            f"{_encode_json(self.NAME, self.row)}"
         )
+
+    def to_line(self) -> str:
+        return self._head() + _encode_json(self.NAME, self.row)
+
+    def to_bytes(self) -> bytes:
+        # The row's JSON is ASCII without newlines by construction: only the
+        # names need the checks, and the JSON goes out as the bytes it was
+        # encoded to, never through a str.
+        head = f"RDATA {self._head()}"
+        if "\n" in head:
+            raise CommandEncodeError("Cannot send RDATA: a name contains a newline")
+        try:
+            row = encode_json_bytes(self.row)
+        except (ValueError, TypeError) as e:
+            raise CommandEncodeError(f"Cannot send RDATA: {e}") from None
+        try:
+            return head.encode("utf-8") + row
+        except UnicodeEncodeError:
+            raise CommandEncodeError("Cannot send RDATA: a name is not valid Unicode") from None
 
 
 @attrs.frozen(slots=True)
@@ -593,12 +634,4 @@ def encode_command(cmd: Command) -> bytes:
     see two lines), a lone surrogate (it has no UTF-8 form) or a field would
     split wrongly.
     """
-    line = f"{cmd.NAME} {cmd.to_line()}"
-    if "\n" in line:
-        raise CommandEncodeError(f"Cannot send {cmd.NAME}: the line contains a newline")
-    try:
-        return line.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate in a name or text field
-        raise CommandEncodeError(
-            f"Cannot send {cmd.NAME}: the line is not valid Unicode"
-        ) from None
+    return cmd.to_bytes()
