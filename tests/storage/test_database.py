@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -90,6 +92,91 @@ class DatabaseTests(TestCase):
         with self.assertRaises(CancelledError):
             await d
         self.assertEqual(await db.execute("select", "SELECT x FROM t"), [(5,)])
+
+
+class ReaderDatabaseTests(TestCase):
+    """`Database.sqlite_reader`: another process's view of a writer's file."""
+
+    async def _writer_and_reader(self, name: str = "db") -> tuple[Database, Database]:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        writer = Database.sqlite(path, REACTOR)
+        self.addCleanup(writer.close)
+        await writer.run_interaction("create", _create_table)
+        await writer.run_interaction("insert", _insert, 1)
+        reader = Database.sqlite_reader(path, REACTOR)
+        self.addCleanup(reader.close)
+        return writer, reader
+
+    async def test_reader_sees_committed_rows(self) -> None:
+        """The reader sees what the writer committed, also after it opened."""
+        writer, reader = await self._writer_and_reader()
+        self.assertEqual(await reader.execute("s", "SELECT x FROM t"), [(1,)])
+        await writer.run_interaction("insert", _insert, 2)
+        self.assertEqual(
+            await reader.execute("s", "SELECT x FROM t ORDER BY x"), [(1,), (2,)]
+        )
+
+    async def test_reader_cannot_write(self) -> None:
+        """A write through the reader fails and changes nothing."""
+        writer, reader = await self._writer_and_reader()
+        with self.assertRaises(sqlite3.OperationalError):
+            await reader.run_interaction("insert", _insert, 9)
+        self.assertEqual(await writer.execute("s", "SELECT x FROM t"), [(1,)])
+
+    async def test_reader_does_not_take_the_write_lock(self) -> None:
+        """While a reader's transaction is open, another connection can still
+        start a write transaction and commit.
+
+        The reader's transactions start with a plain (deferred) BEGIN, which
+        never asks for the write lock; the writer's BEGIN IMMEDIATE would.
+        (Current SQLite also ignores IMMEDIATE on a ``mode=ro`` connection, so
+        the engine's statement is checked as well.)"""
+        writer, reader = await self._writer_and_reader()
+        self.assertEqual(reader.engine.begin_sql, "BEGIN")
+
+        def read_while_another_writes(cursor: Cursor) -> list[tuple[int, ...]]:
+            cursor.execute("SELECT x FROM t")
+            seen = [tuple(row) for row in cursor.fetchall()]
+            # timeout=0: fail at once with "database is locked" if the reader
+            # held the write lock.
+            other = sqlite3.connect(db_file, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("INSERT INTO t (x) VALUES (3)")
+                other.execute("COMMIT")
+            finally:
+                other.close()
+            return seen
+
+        db_file = await writer.run_interaction("file", _main_file)
+        self.assertEqual(
+            await reader.run_interaction("read", read_while_another_writes), [(1,)]
+        )
+        self.assertEqual(
+            await writer.execute("s", "SELECT x FROM t ORDER BY x"), [(1,), (3,)]
+        )
+
+    async def test_path_with_uri_characters(self) -> None:
+        """Characters that mean something in a URI are quoted in the path."""
+        _, reader = await self._writer_and_reader("a ?b#c%20.db")
+        self.assertEqual(await reader.execute("s", "SELECT x FROM t"), [(1,)])
+
+    async def test_missing_file_is_not_created(self) -> None:
+        """A reader never creates the file it is asked to read."""
+        path = os.path.abspath(self.mktemp())
+        reader = Database.sqlite_reader(path, REACTOR)
+        self.addCleanup(reader.close)
+        with self.assertRaises(sqlite3.OperationalError):
+            await reader.execute("s", "SELECT 1")
+        self.assertFalse(os.path.exists(path))
+
+
+def _main_file(cursor: Cursor) -> str:
+    """The file of the connection's main database."""
+    cursor.execute("PRAGMA database_list")
+    return str(next(row[2] for row in cursor.fetchall() if row[1] == "main"))
 
 
 class InlineDatabaseTests(SynchronousTestCase):

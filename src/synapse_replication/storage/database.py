@@ -20,9 +20,10 @@ from PostgreSQL. Stream rows deliberately carry them as read, as Synapse does.
 from __future__ import annotations
 
 import importlib
+import pathlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 import attrs
@@ -77,6 +78,9 @@ class Engine:
         """
         if self.placeholder == "?":
             return sql
+        if self.placeholder == "%s":
+            # pyformat drivers (psycopg2) read every ``%`` as a marker.
+            sql = sql.replace("%", "%%")
         return sql.replace("?", self.placeholder)
 
 
@@ -100,6 +104,25 @@ def sqlite_engine() -> Engine:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         ),
         bigint_primary_key="INTEGER PRIMARY KEY",
+    )
+
+
+def sqlite_reader_engine() -> Engine:
+    """SQLite, read-only: for a process that follows another one's file.
+
+    The file is opened through a ``mode=ro`` URI, so no statement can write
+    to it, and transactions start with a deferred ``BEGIN``, which never asks
+    for the write lock (``BEGIN IMMEDIATE`` asks for it at once; current
+    SQLite skips that on a read-only connection, but the writer's commits
+    must not depend on it). No pragma is set: the writer has put the file in
+    WAL mode, which lets this reader read a consistent snapshot while the
+    writer commits.
+    """
+    return attrs.evolve(
+        sqlite_engine(),
+        connect_kwargs={"check_same_thread": False, "isolation_level": None, "uri": True},
+        on_connect=None,
+        begin_sql="BEGIN",
     )
 
 
@@ -262,6 +285,36 @@ class Database:
         """
         engine = sqlite_engine()
         return cls(engine, _PoolRunner(engine, reactor, (path,), pool_size=1))
+
+    @classmethod
+    def sqlite_reader(cls, path: str, reactor: IReactorCore) -> Database:
+        """The SQLite file `path`, which must exist, opened read-only.
+
+        For a worker reading the writer's file from another process: every
+        write fails (``attempt to write a readonly database``) and reads never
+        take the write lock, so the writer is never held up by this reader.
+        """
+        uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
+        engine = sqlite_reader_engine()
+        return cls(engine, _PoolRunner(engine, reactor, (uri,), pool_size=1))
+
+    @classmethod
+    def postgres(
+        cls, conn_args: Mapping[str, Any], reactor: IReactorCore, pool_size: int = 5
+    ) -> Database:
+        """A PostgreSQL database, through a pool of `pool_size` psycopg2
+        connections made with `conn_args` (``host``, ``port``, ``dbname``,
+        ``user``, ...; see `synapse_replication.storage.postgres`).
+
+        Transactions run concurrently, one per connection, at PostgreSQL's
+        default READ COMMITTED isolation. Needs the ``postgres`` extra.
+        """
+        from synapse_replication.storage.postgres import postgres_engine
+
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+        engine = postgres_engine(conn_args)
+        return cls(engine, _PoolRunner(engine, reactor, (), pool_size=pool_size))
 
     @classmethod
     def sqlite_inline(cls, path: str) -> Database:
