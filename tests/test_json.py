@@ -4,51 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
 
 from synapse_replication._json import decode_json, encode_json, encode_json_bytes
-
-
-class TypedTestCase(SynchronousTestCase):
-    """trial's SynchronousTestCase, with typed signatures for its assertions
-    (trial's own are untyped, which `mypy --strict` refuses to call)."""
-
-    if TYPE_CHECKING:
-
-        def assertEqual(
-            self, first: object, second: object, msg: object = None
-        ) -> None: ...
-
-        def assertNotEqual(
-            self, first: object, second: object, msg: object = None
-        ) -> None: ...
-
-        def assertIs(
-            self, first: object, second: object, msg: object = None
-        ) -> None: ...
-
-        def assertIn(
-            self, containee: object, container: object, msg: object = None
-        ) -> None: ...
-
-        def assertNotIn(
-            self, containee: object, container: object, msg: object = None
-        ) -> None: ...
-
-        def assertTrue(self, condition: object, msg: object = None) -> None: ...
-
-        def assertRaises(  # type: ignore[override]
-            self,
-            exception: type[BaseException],
-            f: Callable[..., object],
-            *args: object,
-            **kwargs: object,
-        ) -> BaseException: ...
+from tests.fakes import TypedTestCase
 
 
 def _refuse_constant(name: str) -> Any:
