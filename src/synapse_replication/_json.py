@@ -72,8 +72,8 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def encode_json(value: JsonValue) -> str:
-    """`value` as compact ASCII JSON, byte for byte what Synapse writes.
+def encode_json_bytes(value: JsonValue) -> bytes:
+    """`value` as compact ASCII JSON bytes, byte for byte what Synapse writes.
 
     Raises ValueError for NaN or Infinity and TypeError for values JSON cannot
     hold, as the standard encoder does.
@@ -89,21 +89,13 @@ def encode_json(value: JsonValue) -> str:
             # Non-ASCII must become \uXXXX escapes and DEL is escaped by the
             # standard encoder but not by msgspec; both are rare on the wire.
             if out.isascii() and b"\x7f" not in out:
-                return out.decode("ascii")
-    return _std_encoder.encode(value)
-
-
-def encode_json_bytes(value: JsonValue) -> bytes:
-    """`encode_json(value)` as ASCII bytes, skipping a decode on the fast path."""
-    if _plain(value):
-        try:
-            out = _fast_encode(value)
-        except _FastEncodeErrors:
-            pass
-        else:
-            if out.isascii() and b"\x7f" not in out:
                 return out
     return _std_encoder.encode(value).encode("ascii")
+
+
+def encode_json(value: JsonValue) -> str:
+    """`encode_json_bytes(value)` as a str."""
+    return encode_json_bytes(value).decode("ascii")
 
 
 def decode_json(text: str | bytes) -> JsonValue:

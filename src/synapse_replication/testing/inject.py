@@ -38,6 +38,13 @@ def make_room_id(server_name: str = "example.com") -> str:
     return f"!{_b64(14)[:18]}:{server_name}"
 
 
+async def _persist_one(store: EventsStore, **fields: Any) -> str:
+    """Persist one event with a fresh id; returns the id."""
+    event_id = make_event_id()
+    await store.persist_events([EventToPersist(event_id=event_id, **fields)])
+    return event_id
+
+
 async def inject_message(
     store: EventsStore,
     room_id: str,
@@ -48,22 +55,16 @@ async def inject_message(
     outlier: bool = False,
 ) -> str:
     """A plain `m.room.message` (optionally a thread reply); returns its id."""
-    event_id = make_event_id()
-    await store.persist_events(
-        [
-            EventToPersist(
-                event_id=event_id,
-                room_id=room_id,
-                type="m.room.message",
-                sender=sender,
-                relates_to=relates_to,
-                relation_type="m.thread" if relates_to else None,
-                outlier=outlier,
-                content={"msgtype": "m.text", "body": body},
-            )
-        ]
+    return await _persist_one(
+        store,
+        room_id=room_id,
+        type="m.room.message",
+        sender=sender,
+        relates_to=relates_to,
+        relation_type="m.thread" if relates_to else None,
+        outlier=outlier,
+        content={"msgtype": "m.text", "body": body},
     )
-    return event_id
 
 
 async def inject_state(
@@ -75,58 +76,36 @@ async def inject_state(
     content: Mapping[str, Any] | None = None,
 ) -> str:
     """A state event that becomes the room's current state for its key."""
-    event_id = make_event_id()
-    await store.persist_events(
-        [
-            EventToPersist(
-                event_id=event_id,
-                room_id=room_id,
-                type=event_type,
-                sender=sender,
-                state_key=state_key,
-                content=dict(content or {}),
-            )
-        ]
+    return await _persist_one(
+        store,
+        room_id=room_id,
+        type=event_type,
+        sender=sender,
+        state_key=state_key,
+        content=dict(content or {}),
     )
-    return event_id
 
 
 async def inject_member(
     store: EventsStore, room_id: str, user_id: str, membership: str, sender: str | None = None
 ) -> str:
     """An `m.room.member` event for `user_id` (join, invite, leave, ban...)."""
-    event_id = make_event_id()
-    await store.persist_events(
-        [
-            EventToPersist(
-                event_id=event_id,
-                room_id=room_id,
-                type="m.room.member",
-                sender=sender or user_id,
-                state_key=user_id,
-                membership=membership,
-                content={"membership": membership},
-            )
-        ]
+    return await _persist_one(
+        store,
+        room_id=room_id,
+        type="m.room.member",
+        sender=sender or user_id,
+        state_key=user_id,
+        membership=membership,
+        content={"membership": membership},
     )
-    return event_id
 
 
 async def inject_redaction(store: EventsStore, room_id: str, sender: str, redacts: str) -> str:
     """An `m.room.redaction` of `redacts`."""
-    event_id = make_event_id()
-    await store.persist_events(
-        [
-            EventToPersist(
-                event_id=event_id,
-                room_id=room_id,
-                type="m.room.redaction",
-                sender=sender,
-                redacts=redacts,
-            )
-        ]
+    return await _persist_one(
+        store, room_id=room_id, type="m.room.redaction", sender=sender, redacts=redacts
     )
-    return event_id
 
 
 async def inject_outlier_then_de_outlier(
