@@ -13,8 +13,8 @@ what it has already seen, and lets tests wait for a position.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Collection, Mapping
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -72,6 +72,18 @@ class ReplicationDataHandler:
         """A copy of every known position."""
         return dict(self._positions)
 
+    def get_stream_token(self, stream_name: str, writers: Collection[str]) -> int | None:
+        """The token up to which rows of every one of `writers` were handled:
+        the lowest of their positions.
+
+        None if `writers` is empty or any of them has no position yet: rows of
+        a writer not heard from may lie anywhere, so no token is safe.
+        """
+        positions = [self._positions.get((stream_name, writer)) for writer in writers]
+        if not positions or None in positions:
+            return None
+        return min(p for p in positions if p is not None)
+
     def process_rows(
         self, stream_name: str, instance_name: str, token: int, rows: list[Any]
     ) -> Awaitable[None] | None:
@@ -126,3 +138,35 @@ class ReplicationDataHandler:
         else:
             self._waiters.setdefault((stream_name, instance_name), []).append((token, d))
         return d
+
+
+class SupportsAdvance(Protocol):
+    """A stream id generator that learns other writers' positions
+    (`storage.multi_writer.MultiWriterIdGenerator`)."""
+
+    def advance(self, instance_name: str, new_id: int) -> None: ...
+
+
+class WriterReplicationDataHandler(ReplicationDataHandler):
+    """For an instance that writes streams with several writers: every
+    position it reaches for another writer (through its rows or a POSITION)
+    is also given to that stream's id generator, as Synapse does.
+
+    That is how an idle writer's own position follows the others' (see
+    `storage.multi_writer`). The generator hears of a position only once the
+    rows up to it were processed.
+    """
+
+    def __init__(
+        self,
+        id_generators: Mapping[str, SupportsAdvance],
+        initial_positions: Mapping[PositionKey, int] | None = None,
+    ) -> None:
+        super().__init__(initial_positions)
+        self._id_generators = dict(id_generators)
+
+    def _advance(self, stream_name: str, instance_name: str, token: int) -> None:
+        super()._advance(stream_name, instance_name, token)
+        id_gen = self._id_generators.get(stream_name)
+        if id_gen is not None:
+            id_gen.advance(instance_name, self._positions[(stream_name, instance_name)])

@@ -79,3 +79,22 @@ class HttpCatchUpError(ReplicationError):
             f"Could not fetch {stream_name} rows ({from_token}, {upto_token}] "
             f"from instance {instance_name!r} over HTTP: {reason}"
         )
+
+
+class ConfigError(ReplicationError, ValueError):
+    """A worker configuration is wrong.
+
+    `key` is the path of the offending key (``redis.port``,
+    ``listeners[1].bind_addresses``; empty for the document as a whole) and
+    `reason` what is wrong and what is expected. The message is
+    ``"<key>: <reason>"``, prefixed with the file when it came from one. It
+    never contains the value of a secret.
+    """
+
+    def __init__(self, key: str, reason: str, *, file: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.file = file
+        where = f"{key}: " if key else ""
+        prefix = f"{file}: " if file else ""
+        super().__init__(f"{prefix}{where}{reason}")

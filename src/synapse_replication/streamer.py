@@ -10,6 +10,13 @@ rolled back, say) it sends POSITION instead, so readers' tokens keep moving.
 With nobody connected it still advances the streams' published positions: a
 reader that connects later starts from its POSITION, and must not be sent rows
 written before it connected.
+
+A writer of a stream with several writers moves its position forward without
+writing (it follows the others': see `storage.multi_writer`), and nothing pokes
+the streamer for that. With `announce_positions_every_s` set (Synapse does it
+every second for `events` writers) the streamer pokes itself that often, so a
+moved position goes out as POSITION; a position that did not move sends
+nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from synapse_replication.commands import PositionCommand, RdataCommand
@@ -31,6 +39,10 @@ from synapse_replication.streams import (
 
 _log: Final = Logger(namespace="synapse_replication.streamer")
 
+# The `announce_positions_every_s` for a writer of `events` when the stream has
+# several writers (Synapse's period).
+EVENTS_WRITER_ANNOUNCE_EVERY_S: Final = 1.0
+
 
 class ReplicationStreamer:
     """Publishes the streams this instance writes through a command handler."""
@@ -42,6 +54,7 @@ class ReplicationStreamer:
         command_handler: ReplicationCommandHandler,
         streams: Sequence[Stream[Any]],
         target_row_count: int = DEFAULT_TARGET_ROW_COUNT,
+        announce_positions_every_s: float | None = None,
     ) -> None:
         self._clock = clock
         self._handler = command_handler
@@ -50,6 +63,24 @@ class ReplicationStreamer:
         self._target_row_count = target_row_count
         self._pending = False
         self._running: Deferred[None] | None = None
+        # Pokes itself periodically, for positions that move without a poke
+        # (call `stop` to end it).
+        self._announcer: LoopingCall | None = None
+        if announce_positions_every_s is not None:
+            if announce_positions_every_s <= 0:
+                raise ValueError(
+                    f"announce_positions_every_s must be positive: {announce_positions_every_s}"
+                )
+            self._announcer = LoopingCall(self.on_notifier_poke)
+            self._announcer.clock = clock
+            self._announcer.start(announce_positions_every_s, now=False)
+
+    def stop(self) -> None:
+        """Stop the periodic announcements, if any (idempotent). Pokes still
+        publish."""
+        if self._announcer is not None and self._announcer.running:
+            self._announcer.stop()
+        self._announcer = None
 
     def on_notifier_poke(self) -> None:
         """New rows may exist: publish them soon. Cheap, and safe to call from
@@ -114,5 +145,10 @@ class ReplicationStreamer:
                     for row in rows[:-1]:
                         send(RdataCommand(name, instance, None, row))
                     send(RdataCommand(name, instance, token, rows[-1]))
+                last_row_token = updates[-1][0]
+                if last_row_token < current_token:
+                    # The position went past the last row (ids that carry no
+                    # row, or a writer that followed the others): say so.
+                    send(PositionCommand(name, instance, last_row_token, current_token))
             if not limited:
                 return

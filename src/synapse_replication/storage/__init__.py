@@ -3,7 +3,9 @@
 
 `open_sqlite_store` opens (creating and upgrading as needed) one SQLite file
 holding the `events` and `receipts` streams of one writer instance. The
-`typing` stream lives in memory: see `TypingWriter`.
+`typing` stream lives in memory: see `TypingWriter`. `open_postgres_stores`
+(in `storage.postgres`) opens the same stores on PostgreSQL, where several
+instances may write one stream (`MultiWriterIdGenerator`).
 
 Each stream has one id generator. The events stream's covers every table whose
 ids are events stream tokens: `events.stream_ordering`,
@@ -30,6 +32,7 @@ from synapse_replication.storage.id_generators import (
     AbstractStreamIdGenerator,
     StreamIdGenerator,
 )
+from synapse_replication.storage.multi_writer import MultiWriterIdGenerator
 from synapse_replication.storage.receipts import (
     RECEIPTS_ID_TABLES,
     RECEIPTS_STREAM_NAME,
@@ -50,11 +53,15 @@ class Stores:
     db: Database
     events: EventsStore
     receipts: ReceiptsStore
-    events_id_gen: StreamIdGenerator
-    receipts_id_gen: StreamIdGenerator
+    events_id_gen: AbstractStreamIdGenerator
+    receipts_id_gen: AbstractStreamIdGenerator
 
     def close(self) -> None:
-        """Close the database (waits for a transaction in progress)."""
+        """Close the database (waits for a transaction in progress), after
+        stopping the multi-writer generators' timers."""
+        for id_gen in (self.events_id_gen, self.receipts_id_gen):
+            if isinstance(id_gen, MultiWriterIdGenerator):
+                id_gen.stop()
         self.db.close()
 
 
@@ -117,6 +124,7 @@ __all__ = [
     "Engine",
     "EventToPersist",
     "EventsStore",
+    "MultiWriterIdGenerator",
     "ReceiptsStore",
     "SchemaVersionError",
     "Stores",

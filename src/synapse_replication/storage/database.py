@@ -10,7 +10,7 @@ writes or none of them.
 SQL is written once, with ``?`` placeholders; the few differences between
 database engines (placeholder style, how to connect, how a transaction starts,
 how to ask whether a table exists) live in one `Engine` value, so PostgreSQL
-can come later through this same class.
+(`storage.postgres`, `Database.postgres`) goes through this same class.
 
 Booleans: columns declared BOOLEAN are written from Python bools and read back
 as the engine returns them, ``0``/``1`` from SQLite and ``false``/``true``

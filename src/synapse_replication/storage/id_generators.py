@@ -20,6 +20,7 @@ from typing import Final, Protocol, TypeVar
 from twisted.logger import Logger
 
 from synapse_replication.storage.database import Cursor, Database
+from synapse_replication.storage.multi_writer import MultiWriterIdGenerator
 
 T = TypeVar("T")
 
@@ -205,11 +206,17 @@ async def write_at_new_ids(
     The ids stay in flight (holding the current token below them) until the
     transaction is over. If it fails, the ids are recorded as used (see
     `record_unused_ids`) before they are given back, and the error is raised.
+    A `MultiWriterIdGenerator` records nothing here: its ids come from a
+    sequence that never hands them out again, and `stream_positions` holds
+    only positions it has reached (recording a failed id could claim one
+    above ids still in flight).
     """
     async with id_gen.get_next_mult(count) as ids:
         try:
             return await db.run_interaction(desc, func, ids)
         except BaseException:
+            if isinstance(id_gen, MultiWriterIdGenerator):
+                raise
             try:
                 await db.run_interaction(
                     f"{desc}_record_unused_ids",
