@@ -205,8 +205,16 @@ class _MixGenerator:
     # -- steps
 
     def step(self) -> list[Spec]:
+        steps: dict[str, Callable[[], list[Spec]]] = {
+            "event": self._step_event,
+            "typing": self._step_typing,
+            "receipt": self._step_receipt,
+            "user_ip": self._step_user_ip,
+            "position": self._step_position,
+            "lock_released": self._step_lock_released,
+        }
         kind = self.rng.choices([k for k, _ in _STEPS], [w for _, w in _STEPS])[0]
-        return getattr(self, "_step_" + kind)()  # type: ignore[no-any-return]
+        return steps[kind]()
 
     def _step_event(self) -> list[Spec]:
         rng = self.rng

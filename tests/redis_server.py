@@ -473,7 +473,7 @@ class HoldingProxy:
 
     @property
     def port(self) -> int:
-        port: int = self._port.getHost().port  # type: ignore[attr-defined]
+        port: int = self._port.getHost().port  # type: ignore[attr-defined]  # IAddress has no port; this is TCP
         return port
 
     def hold(self) -> None:
@@ -487,7 +487,7 @@ class HoldingProxy:
     async def stop(self) -> None:
         for client in list(self.clients):
             client.close()
-        await self._port.stopListening()  # type: ignore[misc]
+        await self._port.stopListening()  # type: ignore[misc]  # a TCP port always returns a Deferred
 
 
 def make_tls_files(directory: str, hosts: Sequence[str] = ("127.0.0.1",)) -> TlsFiles:

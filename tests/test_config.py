@@ -192,9 +192,9 @@ class DefaultsTests(ConfigTestCase):
         """Neither the config nor its mappings can be changed."""
         config = self.parse(multi())
         with self.assertRaises(AttributeError):
-            config.instance_name = "other"  # type: ignore[misc]
+            config.instance_name = "other"  # type: ignore[misc]  # the point: frozen refuses it
         with self.assertRaises(TypeError):
-            config.instance_map["x"] = InstanceLocation.unix("/x")  # type: ignore[index]
+            config.instance_map["x"] = InstanceLocation.unix("/x")  # type: ignore[index]  # the point: read-only mapping
 
 
 class InstanceTests(ConfigTestCase):

@@ -551,7 +551,7 @@ async def run_worker(reactor: Any, options: WorkerOptions) -> int:
             connection.close()
 
     channel = _ParentChannel(disconnect)
-    stdio.StandardIO(channel, reactor=reactor)  # type: ignore[no-untyped-call]
+    stdio.StandardIO(channel, reactor=reactor)  # type: ignore[no-untyped-call]  # Twisted leaves StandardIO unannotated
     db = Database.sqlite_reader(options.db_path, reactor)
     http_client = HttpReplicationClient(
         reactor,

@@ -212,7 +212,7 @@ class _PoolRunner:
         connect_args: Sequence[Any],
         pool_size: int,
     ) -> None:
-        self._pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+        self._pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]  # adbapi is unannotated
             engine.dbapi_module,
             *connect_args,
             cp_min=pool_size,
@@ -224,13 +224,13 @@ class _PoolRunner:
         )
 
     def run(self, interaction: Callable[[Any], T]) -> Deferred[T]:
-        d: Deferred[T] = self._pool.runInteraction(  # type: ignore[no-untyped-call]
+        d: Deferred[T] = self._pool.runInteraction(  # type: ignore[no-untyped-call]  # adbapi is unannotated
             interaction
         )
         return d
 
     def close(self) -> None:
-        self._pool.close()  # type: ignore[no-untyped-call]
+        self._pool.close()  # type: ignore[no-untyped-call]  # adbapi is unannotated
 
 
 class _InlineRunner:
