@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from synapse_replication import metrics
 from synapse_replication.commands import (
     CancelTaskCommand,
     ClearUserSyncCommand,
@@ -141,6 +142,8 @@ class ReplicationCommandHandler:
         self._warned: set[tuple[str, str]] = set()
         # Next delay before retrying a failed catch-up, per (connection, key).
         self._retry_delays: dict[tuple[IReplicationConnection, _Key], float] = {}
+        # Latest token each writer announced (for metrics: the reader's lag).
+        self._announced: dict[_Key, int] = {}
 
     # Connections
 
@@ -150,17 +153,29 @@ class ReplicationCommandHandler:
     def connected(self) -> bool:
         return bool(self._connections)
 
+    def announced_positions(self) -> dict[_Key, int]:
+        """The latest token each (stream, writer) announced: the highest RDATA
+        token, or a later POSITION's new token (which may be lower, after a
+        writer restart). A copy, safe to take from another thread."""
+        return self._announced.copy()
+
+    def queued_commands(self) -> dict[str, int]:
+        """RDATA/POSITION waiting behind a busy stream, per stream with any."""
+        return {name: len(queue) for name, queue in self._queues.copy().items() if queue}
+
     def is_idle(self) -> bool:
         """No command is being handled or waiting (for tests and shutdown)."""
         return not self._busy and not any(self._queues.values())
 
     def new_connection(self, connection: IReplicationConnection) -> None:
-        _log.info("Replication connection up: {conn}", conn=connection.describe())
+        # The transport logs the event itself (with more detail); this line
+        # is for following the handler's own bookkeeping.
+        _log.debug("Replication connection up: {conn}", conn=connection.describe())
         self._connections.append(connection)
         self._state[connection] = _ConnectionState()
 
     def lost_connection(self, connection: IReplicationConnection) -> None:
-        _log.info("Replication connection lost: {conn}", conn=connection.describe())
+        _log.debug("Replication connection lost: {conn}", conn=connection.describe())
         if connection in self._connections:
             self._connections.remove(connection)
         self._state.pop(connection, None)
@@ -187,10 +202,14 @@ class ReplicationCommandHandler:
 
     def on_rdata(self, connection: IReplicationConnection, cmd: RdataCommand) -> None:
         if self._accept(connection, cmd.stream_name, cmd.instance_name, cmd):
+            key = (cmd.stream_name, cmd.instance_name)
+            if cmd.token is not None and cmd.token > self._announced.get(key, cmd.token - 1):
+                self._announced[key] = cmd.token
             self._submit(cmd.stream_name, connection, cmd)
 
     def on_position(self, connection: IReplicationConnection, cmd: PositionCommand) -> None:
         if self._accept(connection, cmd.stream_name, cmd.instance_name, cmd):
+            self._announced[(cmd.stream_name, cmd.instance_name)] = cmd.new_token
             self._submit(cmd.stream_name, connection, cmd)
 
     def _accept(
@@ -353,6 +372,7 @@ class ReplicationCommandHandler:
         position = self._data_handler.get_position(cmd.stream_name, cmd.instance_name)
         if (position is not None and cmd.token <= position) or not rows:
             return None
+        metrics.count_rows_received(key, len(rows))
         return self._data_handler.on_rdata(cmd.stream_name, cmd.instance_name, cmd.token, rows)
 
     def _batch_overflow(
@@ -396,24 +416,29 @@ class ReplicationCommandHandler:
             current = dh.get_position(cmd.stream_name, cmd.instance_name)
             if current is None:
                 _log.info(
-                    "First position of {stream!r} from {instance!r}: starting at {token}",
+                    "First position of {stream!r} from {instance!r}: starting at {token} "
+                    "(on {conn})",
                     stream=cmd.stream_name,
                     instance=cmd.instance_name,
                     token=cmd.new_token,
+                    conn=connection.describe(),
                 )
             elif current > cmd.new_token:
                 _log.warn(
                     "Stream {stream!r} of {instance!r} went back from {current} to "
-                    "{token}: the writer restarted; refetching its rows",
+                    "{token}: the writer restarted; refetching its rows (POSITION on {conn})",
                     stream=cmd.stream_name,
                     instance=cmd.instance_name,
                     current=current,
                     token=cmd.new_token,
+                    conn=connection.describe(),
                 )
                 await _maybe(dh.on_stream_reset(cmd.stream_name, cmd.instance_name, RESET_FROM_TOKEN))
-                await self._catch_up(stream, cmd.instance_name, RESET_FROM_TOKEN, cmd.new_token)
+                await self._catch_up(
+                    stream, cmd.instance_name, RESET_FROM_TOKEN, cmd.new_token, connection
+                )
             elif current < cmd.prev_token:
-                await self._catch_up(stream, cmd.instance_name, current, cmd.new_token)
+                await self._catch_up(stream, cmd.instance_name, current, cmd.new_token, connection)
             await _maybe(dh.on_position(cmd.stream_name, cmd.instance_name, cmd.new_token))
             positioned = True
             # RDATA dropped while we were not caught up may be newer than the
@@ -423,7 +448,7 @@ class ReplicationCommandHandler:
             while dropped is not None and dropped > cmd.new_token:
                 position = dh.get_position(cmd.stream_name, cmd.instance_name)
                 assert position is not None
-                await self._catch_up(stream, cmd.instance_name, position, dropped)
+                await self._catch_up(stream, cmd.instance_name, position, dropped, connection)
                 await _maybe(dh.on_position(cmd.stream_name, cmd.instance_name, dropped))
                 if state.dropped_upto.get(key) == dropped:
                     del state.dropped_upto[key]
@@ -437,18 +462,26 @@ class ReplicationCommandHandler:
             state.caught_up.add(key)
 
     async def _catch_up(
-        self, stream: Stream[Any], instance_name: str, from_token: int, upto_token: int
+        self,
+        stream: Stream[Any],
+        instance_name: str,
+        from_token: int,
+        upto_token: int,
+        connection: IReplicationConnection,
     ) -> None:
-        """Deliver every row of `instance_name` in (from_token, upto_token]."""
+        """Deliver every row of `instance_name` in (from_token, upto_token]
+        (for the POSITION that came on `connection`, named in the logs)."""
         _log.info(
-            "Catching up {stream!r} of {instance!r} from {start} to {end}",
+            "Catching up {stream!r} of {instance!r} from {start} to {end} (POSITION on {conn})",
             stream=stream.NAME,
             instance=instance_name,
             start=from_token,
             end=upto_token,
+            conn=connection.describe(),
         )
         token = from_token
         delivered = 0
+        started = self._clock.seconds()
         while True:
             updates, new_token, limited = await stream.update_function(
                 instance_name, token, upto_token, self._limits.catch_up_row_count
@@ -466,6 +499,8 @@ class ReplicationCommandHandler:
                         )
                 if rows:
                     delivered += len(rows)
+                    metrics.count_rows_received((stream.NAME, instance_name), len(rows))
+                    metrics.count_catch_up_rows(stream.NAME, len(rows))
                     await _maybe(
                         self._data_handler.on_rdata(stream.NAME, instance_name, row_token, rows)
                     )
@@ -477,12 +512,14 @@ class ReplicationCommandHandler:
                     f"progress at token {token}"
                 )
             token = new_token
+        metrics.observe_catch_up(stream.NAME, self._clock.seconds() - started)
         _log.info(
-            "Caught up {stream!r} of {instance!r} to {end} ({n} rows)",
+            "Caught up {stream!r} of {instance!r} to {end} ({n} rows; POSITION on {conn})",
             stream=stream.NAME,
             instance=instance_name,
             end=upto_token,
             n=delivered,
+            conn=connection.describe(),
         )
 
     def _retry_later(
@@ -493,13 +530,16 @@ class ReplicationCommandHandler:
         POSITION itself was handled and the failure came while fetching up to
         dropped RDATA."""
         key = (cmd.stream_name, cmd.instance_name)
+        metrics.count_catch_up_failure(cmd.stream_name)
         delay = self._retry_delays.get((connection, key), self._limits.catch_up_retry_initial_s)
         self._retry_delays[(connection, key)] = min(delay * 2, self._limits.catch_up_retry_max_s)
         _log.warn(
-            "Catch-up of {stream!r} from {instance!r} failed; retrying in {delay}s",
+            "Catch-up of {stream!r} from {instance!r} failed; retrying in {delay}s "
+            "(POSITION on {conn})",
             stream=cmd.stream_name,
             instance=cmd.instance_name,
             delay=delay,
+            conn=connection.describe(),
         )
 
         def retry() -> None:

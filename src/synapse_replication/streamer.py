@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from synapse_replication import metrics
 from synapse_replication.commands import PositionCommand, RdataCommand
 from synapse_replication.handler import ReplicationCommandHandler
 from synapse_replication.streams import (
@@ -141,6 +142,7 @@ class ReplicationStreamer:
                 send = self._handler.send_command
                 name = stream.NAME
                 instance = self._instance_name
+                metrics.count_stream_updates(name, len(updates))
                 for token, rows in group_updates_by_token(updates):
                     for row in rows[:-1]:
                         send(RdataCommand(name, instance, None, row))

@@ -53,6 +53,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from synapse_replication import metrics
 from synapse_replication.commands import (
     VALID_CLIENT_COMMANDS,
     VALID_SERVER_COMMANDS,
@@ -249,6 +250,7 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
         line = self._encode(cmd)
         if line is None:
             return
+        metrics.TCP_OUTBOUND[cmd.NAME] += 1
         self._last_sent_ms = self._now_ms()
         if self._paused or self._queue:
             self._enqueue(line)
@@ -313,6 +315,7 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
         assert self.transport is not None
         self._peer_address = _format_address(self.transport.getPeer())
         self._state = _State.OPEN
+        metrics.track_connection(self, transport=metrics.TCP, side=self._ROLE, queue=self)
         IConsumer(self.transport).registerProducer(self, True)
         now = self._now_ms()
         self._last_sent_ms = self._last_received_ms = now
@@ -326,6 +329,7 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
     # `self: Self` so that `on_connection_lost` gets the subclass it was typed for.
     def connectionLost(self: Self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
+        metrics.untrack_connection(self, self)
         self._drop_queue()
         self._cancel_keepalive()
         if self._abort_call is not None and self._abort_call.active():
@@ -362,6 +366,7 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
         except CommandParseError as e:
             self._fail(str(e))
             return
+        metrics.TCP_INBOUND[cmd.NAME] += 1
         handle = self._dispatch.get(cmd.NAME)
         if handle is None:
             self._fail(f"{cmd.NAME} is not a command a {self._PEER_ROLE} may send")
@@ -449,6 +454,7 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
         _log.warn("{conn}: closing: {reason}", conn=self.describe(), reason=reason)
         line = self._encode(ErrorCommand(reason))
         if line is not None:
+            metrics.TCP_OUTBOUND[ErrorCommand.NAME] += 1
             self._write(line)
         self.close()
 
@@ -689,7 +695,8 @@ class ReplicationClientFactory(ClientFactory[ClientReplicationProtocol]):
         self._retry(connector)
 
     def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
-        _log.info(
+        # The protocol has logged the loss, naming the connection.
+        _log.debug(
             "Lost connection to replication server {server} at {dest}: {reason}",
             server=self._server_name,
             dest=connector.getDestination(),

@@ -44,6 +44,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from synapse_replication import metrics
 from synapse_replication.commands import (
     Command,
     PositionCommand,
@@ -230,6 +231,16 @@ class RedisReplicationClient:
         """Commands waiting for the publisher."""
         return len(self._queue)
 
+    @property
+    def pending_commands(self) -> int:
+        """`queued_commands`, under the name metrics read."""
+        return len(self._queue)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the commands waiting for the publisher."""
+        return self._queued_bytes
+
     def start(self) -> None:
         """Connect both, and keep them connected until `stop`."""
         _log.info(
@@ -237,6 +248,7 @@ class RedisReplicationClient:
             conn=self._description,
             instance=self._instance_name,
         )
+        metrics.track_send_queue(self, transport=metrics.REDIS)
         self._subscriber.start()
         self._publisher.start()
 
@@ -249,6 +261,7 @@ class RedisReplicationClient:
                 Deferred.fromCoroutine(self._publisher.stop()),
             ]
         )
+        metrics.untrack_send_queue(self)
         if self._queue:
             _log.warn(
                 "{conn}: stopped with {count} commands not published",
@@ -258,6 +271,22 @@ class RedisReplicationClient:
             self._queue.clear()
             self._queued_bytes = 0
 
+    async def flush(self) -> bool:
+        """Wait until Redis has answered every PUBLISH sent so far (one PING
+        round trip: Redis answers in order), so that a clean shutdown knows
+        its last commands went out before `stop` closes the connection.
+        False, at once, if the publisher is down or commands wait for it;
+        False if the PING fails or times out (`reply_timeout`)."""
+        proto = self._publisher.ready_protocol
+        if proto is None or self._queue:
+            return False
+        try:
+            await proto.execute(b"PING")
+        except Exception as e:
+            _log.info("{conn}: flush failed: {error}", conn=self._description, error=e)
+            return False
+        return True
+
     def publish_command(self, cmd: Command) -> None:
         """Publish `cmd` on its channel, or queue it while the publisher is
         down. A command that cannot be encoded is our bug: logged, dropped."""
@@ -266,6 +295,7 @@ class RedisReplicationClient:
         except CommandEncodeError:
             _log.failure("{conn}: cannot encode {cmd}; dropped", conn=self._description, cmd=cmd.NAME)
             return
+        metrics.REDIS_OUTBOUND[cmd.NAME] += 1
         channel = self.user_ip_channel if cmd.NAME == UserIpCommand.NAME else self.channel
         item = _Queued(cmd.NAME, channel.encode("utf-8"), payload)
         proto = self._publisher.ready_protocol
@@ -286,6 +316,7 @@ class RedisReplicationClient:
         )
         self._connection = conn
         self._session_protocol = proto
+        metrics.track_connection(conn, transport=metrics.REDIS, side="subscriber")
         self._handler.new_connection(conn)
         conn.send_command(ReplicateCommand())
         if self._send_positions is not None:
@@ -297,6 +328,7 @@ class RedisReplicationClient:
         self._session_protocol = None
         if conn is not None:
             conn.lost = True
+            metrics.untrack_connection(conn)
             self._handler.lost_connection(conn)
 
     def _drop(self, conn: RedisReplicationConnection) -> None:
@@ -311,6 +343,9 @@ class RedisReplicationClient:
             _log.debug(
                 "{conn}: ignoring a message on {channel!r}", conn=self._description, channel=channel_name
             )
+            return
+        if len(payload) > self._settings.max_line_length:
+            self._drop_long_message(conn, channel_name, payload)
             return
         try:
             line = payload.decode("utf-8")
@@ -342,6 +377,7 @@ class RedisReplicationClient:
                 error=e,
             )
             return
+        metrics.REDIS_INBOUND[cmd.NAME] += 1
         callback = self._dispatch.get(cmd.NAME)
         if callback is None:
             # SERVER, NAME, PING, ERROR: TCP handshake and keepalive only.
@@ -353,6 +389,27 @@ class RedisReplicationClient:
             )
             return
         deliver(callback, conn, cmd)
+
+    def _drop_long_message(
+        self, conn: RedisReplicationConnection, channel_name: str, payload: bytes
+    ) -> None:
+        """A message over the line limit is not parsed. If it is an RDATA,
+        the row it holds may be one this reader needs: the session starts
+        again, and its POSITIONs make the reader fetch the row by catch-up
+        (where no line limit applies), as a TCP reader does after refusing
+        a long line."""
+        is_rdata = payload.startswith(RdataCommand.NAME.encode("ascii") + b" ")
+        _log.warn(
+            "{conn}: dropping a message of {size} bytes on channel {channel!r}, over "
+            "the {limit} byte line limit{then}",
+            conn=self._description,
+            size=len(payload),
+            channel=channel_name,
+            limit=self._settings.max_line_length,
+            then="; resubscribing to catch up" if is_rdata else "",
+        )
+        if is_rdata:
+            conn.close()
 
     # -- publisher
 
@@ -393,6 +450,7 @@ class RedisReplicationClient:
         self._resync = True
 
     def _on_publisher_lost(self, proto: RedisClientProtocol) -> None:
+        metrics.untrack_connection(proto)
         if "PUBLISH" in proto.unanswered_at_loss:
             _log.warn(
                 "{conn}: publisher lost with PUBLISHes unanswered; will announce "
@@ -403,6 +461,7 @@ class RedisReplicationClient:
 
     def _on_publisher_ready(self, proto: RedisClientProtocol) -> None:
         """Resynchronise if needed, send what waited, announce positions."""
+        metrics.track_connection(proto, transport=metrics.REDIS, side="publisher")
         reconnect = self._publisher_was_up
         self._publisher_was_up = True
         resync, self._resync = self._resync, False
