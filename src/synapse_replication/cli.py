@@ -60,6 +60,10 @@ class Subcommand:
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: RunFunction
+    # Starts the process's logging from the parsed arguments, for a
+    # subcommand with its own logging options; default: `start_logging`
+    # with ``--verbose``.
+    start_logging: Callable[[argparse.Namespace], None] | None = None
 
 
 # -- logging
@@ -201,6 +205,90 @@ async def _run_demo_worker(reactor: Any, args: argparse.Namespace) -> int:
     return await run_worker(reactor, options)
 
 
+# -- serve
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from synapse_replication._logging import DEFAULT_LOG_LEVEL, LOG_LEVELS
+
+    parser.add_argument(
+        "-c", "--config", required=True, metavar="FILE", help="the worker config (YAML)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=list(LOG_LEVELS),
+        default=DEFAULT_LOG_LEVEL,
+        help="log from this level up, to stderr (default: %(default)s; "
+        "-v is the same as the default)",
+    )
+
+
+def _serve_logging(args: argparse.Namespace) -> None:
+    from synapse_replication._logging import parse_log_level
+    from synapse_replication._logging import start_logging as start_service_logging
+
+    start_service_logging(parse_log_level(args.log_level))
+
+
+async def _run_serve(reactor: Any, args: argparse.Namespace) -> int:
+    """Run the instance the config describes until SIGTERM or SIGINT, then
+    stop it cleanly. A config error is a usage error (2); failing to start
+    (a port in use, the database unreachable) is 3."""
+    from twisted.logger import Logger
+
+    from synapse_replication.app import RunningInstance, check_config, start_instance
+    from synapse_replication.config import load_config
+    from synapse_replication.errors import ConfigError
+
+    log = Logger(namespace="synapse_replication.serve")
+
+    def usage_error(e: ConfigError) -> int:
+        if e.file is None:
+            e = ConfigError(e.key, e.reason, file=args.config)
+        sys.stderr.write(f"synapse-replication serve: {e}\n")
+        return EXIT_USAGE
+
+    try:
+        config = load_config(args.config)
+        check_config(config)
+    except ConfigError as e:
+        return usage_error(e)
+    running: RunningInstance | None = None
+    try:
+        running = await start_instance(reactor, config)
+        # Until the reactor shuts down (SIGTERM, SIGINT), which cancels this.
+        await Deferred()
+    except CancelledError:
+        log.info("Shutting down")
+    except ConfigError as e:
+        return usage_error(e)
+    except Exception as e:
+        log.failure("Could not start instance {instance}", instance=config.instance_name)
+        sys.stderr.write(
+            f"synapse-replication serve: could not start {config.instance_name!r}: {e}\n"
+        )
+        return EXIT_SETUP_FAILED
+    finally:
+        if running is not None:
+            await running.stop()
+    return EXIT_OK
+
+
+# -- tail
+
+
+def _tail_arguments(parser: argparse.ArgumentParser) -> None:
+    from synapse_replication.tail import add_tail_arguments
+
+    add_tail_arguments(parser)
+
+
+async def _run_tail(reactor: Any, args: argparse.Namespace) -> int:
+    from synapse_replication.tail import run_tail_command
+
+    return await run_tail_command(reactor, args)
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         name="demo",
@@ -225,6 +313,37 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         ),
         add_arguments=_demo_worker_arguments,
         run=_run_demo_worker,
+    ),
+    Subcommand(
+        name="serve",
+        summary="run one instance (writer, worker or both) from its worker config",
+        description=(
+            "Start the instance a worker config describes (its database, the streams it "
+            "writes and follows, Redis or direct TCP replication, its HTTP and metrics "
+            "listeners) and run it until SIGTERM or SIGINT, then stop cleanly: publish what "
+            "is owed, tell the others (CLEAR_USER_SYNC), close connections and the "
+            "database. Exit codes: 0 stopped cleanly, 2 bad config, 3 could not start."
+        ),
+        add_arguments=_serve_arguments,
+        run=_run_serve,
+        start_logging=_serve_logging,
+    ),
+    Subcommand(
+        name="tail",
+        summary="show what flows on a replication bus (TCP or Redis), live",
+        description=(
+            "Attach to a bus and print every command on it: over TCP to one of our writers "
+            "(as a client, whose handshake sends REPLICATE), or over Redis to any deployment, "
+            "a real Synapse included (SUBSCRIBE only; nothing is published unless "
+            "--replicate). One JSON object per line, or an aligned table, or (--stats) rows/s "
+            "and tokens per stream and writer; --catch-up-from first shows the rows of a "
+            "stream written after a token, fetched from the writer over HTTP. Access tokens "
+            "and passwords are never shown. Exit codes: 0 done (--count reached, stdout "
+            "closed), 1 --timeout before --count lines, 2 bad usage, 3 could not set up or "
+            "catch up, 130 interrupted."
+        ),
+        add_arguments=_tail_arguments,
+        run=_run_tail,
     ),
 )
 
@@ -307,7 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    start_logging(args.verbose)
+    if command.start_logging is not None:
+        command.start_logging(args)
+    else:
+        start_logging(args.verbose)
     try:
         return _react(command.run, args)
     except KeyboardInterrupt:
