@@ -1,0 +1,1 @@
+For operators: `synapse-replication serve -c worker.yaml` and `twistd -n synapse-replication`, logging with `--log-level`, `synapse-replication tail` for any replication bus (TCP or Redis, JSON or table, filters, `--stats`, `--catch-up-from`), and Prometheus metrics including each writer's position and lag.
