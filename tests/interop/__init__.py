@@ -1,0 +1,1 @@
+"""Interoperability tests against a real Synapse, installed from PyPI."""
