@@ -71,6 +71,10 @@ class RedisSettings:
     - `max_queued_commands`, `max_queued_bytes`: bounds of the queue of
       commands waiting while the publish connection is down. Past either,
       the oldest are dropped (readers then catch up through POSITION).
+    - `max_line_length`: longest message, in bytes, that we take from the
+      channel (the TCP transport's line limit). A longer one is dropped with
+      a warning; if it was an RDATA, the subscriber session is started again
+      so that the row is fetched by catch-up instead of lost.
     """
 
     host: str = "localhost"
@@ -95,6 +99,7 @@ class RedisSettings:
     backoff: Backoff = attrs.field(factory=Backoff)
     max_queued_commands: int = attrs.field(default=10_000, validator=_positive)
     max_queued_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    max_line_length: int = attrs.field(default=16 * 1024, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.username is not None and self.password is None:
