@@ -286,7 +286,7 @@ class RedisDeploymentTests(AppTestCase):
             requests.append((request.getHost().port, request.path))
             return render(request)
 
-        resource.render = recording_render  # type: ignore[method-assign]
+        resource.render = recording_render  # type: ignore[method-assign]  # the test swaps in a recording method
 
         # Back, with the positions it had.
         w2 = await self.start(w2_config, data)

@@ -121,7 +121,7 @@ class Process(ProcessProtocol):
         return value.exitCode, value.signal
 
     def signal(self, name: str) -> None:
-        self.transport.signalProcess(name)  # type: ignore[union-attr]
+        self.transport.signalProcess(name)  # type: ignore[union-attr]  # Twisted types it loosely
 
 
 class ServeTestCase(TestCase):

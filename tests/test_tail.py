@@ -1095,7 +1095,7 @@ class TailTcpTests(_SubprocessTestCase):
         return writer, http_port
 
     async def _stop_http(self, listening: IListeningPort, tracked: WrappingFactory) -> None:
-        await listening.stopListening()  # type: ignore[misc]
+        await listening.stopListening()  # type: ignore[misc]  # Twisted types it loosely
         for protocol in list(tracked.protocols):
             protocol.transport.loseConnection()
         await wait_until(reactor, lambda: not tracked.protocols, "HTTP connections closed")

@@ -121,5 +121,5 @@ def twistd_log_observer(server_options: Mapping[str, Any], level: LogLevel) -> I
         from twisted.python.logfile import LogFile
 
         # LogFile is a text file with rotation, untyped in Twisted.
-        stream = LogFile.fromFullPath(logfile or "twistd.log")  # type: ignore[no-untyped-call]
+        stream = LogFile.fromFullPath(logfile or "twistd.log")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     return log_observer(level, stream)

@@ -818,7 +818,7 @@ async def _start_transports(
         # Keeps the live connections, to close them on stop.
         site_factory = make_replication_site(resource)
         site_factory.noisy = False
-        wrapping = WrappingFactory(site_factory)  # type: ignore[no-untyped-call]
+        wrapping = WrappingFactory(site_factory)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         wrapping.noisy = False
         instance._http_factory = wrapping
         site = cast(ServerFactory, wrapping)
@@ -916,13 +916,13 @@ class ReplicationService(Service):
         if (
             self._log_observer is not None
             and isinstance(parent, Componentized)
-            and parent.getComponent(ILogObserver) is None  # type: ignore[no-untyped-call]
+            and parent.getComponent(ILogObserver) is None  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         ):
-            parent.setComponent(ILogObserver, self._log_observer)  # type: ignore[no-untyped-call]
-        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+            parent.setComponent(ILogObserver, self._log_observer)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         self._starting = Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
@@ -941,7 +941,7 @@ class ReplicationService(Service):
                 reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
