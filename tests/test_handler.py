@@ -592,6 +592,21 @@ class StreamResetTests(HandlerTestCase):
         self.assertEqual(self.dh.get_position("typing", W), 4)
 
 
+    def test_stale_streamer_position_is_no_reset(self) -> None:
+        """A POSITION below the reader's position with prev < new (the streamer's, overtaken by a REPLICATE answer) is no reset."""
+        # Found by tests/torture: a persisted stream was refetched from 0.
+        self.add_events(W, range(1, 11))
+        handler = self.make_handler({("events", W): 4})
+        conn = self.connect(handler)
+        handler.on_position(conn, position("events", 10, 10))  # the REPLICATE answer
+        handler.on_position(conn, position("events", 4, 7))  # the streamer's, computed before
+        self.assertEqual(self.dh.resets, [])
+        self.assertEqual(self.dh.get_position("events", W), 10)
+        self.add_events(W, range(11, 12))
+        handler.on_rdata(conn, rdata("events", 11, ev("$11")))
+        self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(5, 12)))
+
+
 class BoundsTests(HandlerTestCase):
     def test_queue_overflow_closes_that_connection(self) -> None:
         """Too many commands queued for a stream closes the connection that overflowed it only."""

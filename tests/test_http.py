@@ -377,6 +377,13 @@ class ServerTests(_HttpTestCase):
         path = stream_updates_path("typing", "t1") + "?from_token=0&upto_token=-1"
         self.assertError(await self.get(port, path, _auth()), 400, "M_INVALID_PARAM")
 
+    async def test_token_past_64_bits(self) -> None:
+        """A 19-digit token above 2**63 - 1: 400 M_INVALID_PARAM, not a 500 from the database."""
+        # Found by tests/torture/test_fuzz.py.
+        _, port = self.typing_server()
+        path = stream_updates_path("typing", "t1") + f"?from_token=0&upto_token={2**63}"
+        self.assertError(await self.get(port, path, _auth()), 400, "M_INVALID_PARAM")
+
     async def test_no_txn_id(self) -> None:
         """The path without its txn id segment: 404 M_UNRECOGNIZED."""
         _, port = self.typing_server()

@@ -824,13 +824,25 @@ class BackpressureTests(SynchronousTestCase):
         self.assertTrue(conn.closing)
 
     def test_oversized_command_dropped(self) -> None:
-        """A command over the line limit is dropped; the connection lives on."""
+        """A command other than RDATA over the line limit is dropped; the connection lives on."""
+        conn = _server(ConnectionLimits(max_line_length=100, max_pending_bytes=1000))
+        conn.take()
+        conn.proto.send_command(RemoteServerUpCommand("z" * 200))
+        conn.proto.send_command(_rdata(2))
+        self.assertEqual(_sent_tokens(conn.take()), [2])
+        self.assertFalse(conn.closing)
+
+    def test_oversized_rdata_closes(self) -> None:
+        """An RDATA over the line limit closes with ERROR and nothing after it is sent, so the reader catches its row up."""
+        # Found by tests/torture: dropping the line let the next RDATA move
+        # every reader past the row.
         conn = _server(ConnectionLimits(max_line_length=100, max_pending_bytes=1000))
         conn.take()
         conn.proto.send_command(_rdata(1, "z" * 200))
         conn.proto.send_command(_rdata(2))
-        self.assertEqual(_sent_tokens(conn.take()), [2])
-        self.assertFalse(conn.closing)
+        [line] = conn.take()
+        self.assertTrue(line.startswith(b"ERROR RDATA of "), line)
+        self.assertTrue(conn.closing)
 
     def test_unencodable_command_logged(self) -> None:
         """A command that cannot be encoded is logged and dropped, not fatal."""

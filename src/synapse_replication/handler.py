@@ -412,6 +412,8 @@ class ReplicationCommandHandler:
         stream = self._streams[cmd.stream_name]
         dh = self._data_handler
         positioned = False
+        # The position this POSITION leaves us at.
+        target = cmd.new_token
         try:
             current = dh.get_position(cmd.stream_name, cmd.instance_name)
             if current is None:
@@ -423,6 +425,22 @@ class ReplicationCommandHandler:
                     token=cmd.new_token,
                     conn=connection.describe(),
                 )
+            elif current > cmd.new_token and cmd.prev_token < cmd.new_token:
+                # Not a restart: a writer announces where it (re)starts with
+                # POSITION T T (its answer to REPLICATE). This is what its
+                # streamer was still publishing when that answer, taken
+                # later, brought us past it. Nothing to fetch.
+                _log.info(
+                    "Stale POSITION of {stream!r} from {instance!r} ({prev} to {token}), "
+                    "already at {current} (on {conn})",
+                    stream=cmd.stream_name,
+                    instance=cmd.instance_name,
+                    prev=cmd.prev_token,
+                    token=cmd.new_token,
+                    current=current,
+                    conn=connection.describe(),
+                )
+                target = current
             elif current > cmd.new_token:
                 _log.warn(
                     "Stream {stream!r} of {instance!r} went back from {current} to "
@@ -439,13 +457,13 @@ class ReplicationCommandHandler:
                 )
             elif current < cmd.prev_token:
                 await self._catch_up(stream, cmd.instance_name, current, cmd.new_token, connection)
-            await _maybe(dh.on_position(cmd.stream_name, cmd.instance_name, cmd.new_token))
+            await _maybe(dh.on_position(cmd.stream_name, cmd.instance_name, target))
             positioned = True
             # RDATA dropped while we were not caught up may be newer than the
             # POSITION (a retried catch-up): fetch up to it before accepting more.
             # Forget it only once fetched, so that a failure here is retried.
             dropped = state.dropped_upto.get(key)
-            while dropped is not None and dropped > cmd.new_token:
+            while dropped is not None and dropped > target:
                 position = dh.get_position(cmd.stream_name, cmd.instance_name)
                 assert position is not None
                 await self._catch_up(stream, cmd.instance_name, position, dropped, connection)

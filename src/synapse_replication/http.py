@@ -135,6 +135,9 @@ _M_INVALID_PARAM: Final = "M_INVALID_PARAM"
 # Tokens are non-negative 64-bit stream ids; 19 digits is the most a signed
 # 64-bit integer needs, and the bound keeps int() of a huge text off the table.
 _TOKEN_RE: Final = re.compile(rb"[0-9]{1,19}")
+# 19 digits still reach past it: a larger token would overflow the
+# database's integers (a 500 instead of a 400).
+_MAX_TOKEN: Final = 2**63 - 1
 _JSON_CONTENT_TYPE: Final = b"application/json"
 
 
@@ -433,11 +436,11 @@ def _parse_token(args: Mapping[bytes, list[bytes]], name: str) -> int:
         raise _HttpError(
             400, _M_MISSING_PARAM, f"Missing query parameter {name} (an integer token)"
         )
-    if _TOKEN_RE.fullmatch(values[0]) is None:
+    if _TOKEN_RE.fullmatch(values[0]) is None or int(values[0]) > _MAX_TOKEN:
         raise _HttpError(
             400,
             _M_INVALID_PARAM,
-            f"Query parameter {name} must be a non-negative integer token, "
+            f"Query parameter {name} must be a non-negative 64-bit integer token, "
             f"not {shorten(values[0].decode('utf-8', 'replace'), 40)!r}",
         )
     return int(values[0])

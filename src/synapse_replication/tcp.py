@@ -61,6 +61,7 @@ from synapse_replication.commands import (
     ErrorCommand,
     NameCommand,
     PingCommand,
+    RdataCommand,
     ReplicateCommand,
     ServerCommand,
     encode_command,
@@ -238,6 +239,10 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
 
         A command that cannot be encoded or is over the line limit is our bug,
         not the peer's: it is logged and dropped and the connection lives on.
+        Except an RDATA over the line limit (a receipt or a typing list can be
+        that big): its row must still reach the reader, so the connection is
+        closed with an ERROR, and the reader reconnects and fetches the row by
+        catch-up, where no line limit applies.
         """
         if self._state is not _State.OPEN:
             _log.debug(
@@ -408,6 +413,12 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
             )
             return None
         if len(line) > self.MAX_LENGTH:
+            if type(cmd) is RdataCommand:
+                self._fail(
+                    f"RDATA of {len(line)} bytes is over the {self.MAX_LENGTH} byte "
+                    "line limit; fetch it by catch-up"
+                )
+                return None
             _log.error(
                 "{conn}: {cmd} is {size} bytes, over the {limit} byte line limit; dropped",
                 conn=self.describe(),

@@ -203,7 +203,15 @@ class _Runner(Protocol):
 
 
 class _PoolRunner:
-    """Transactions in an `adbapi.ConnectionPool`'s threads."""
+    """Transactions in an `adbapi.ConnectionPool`'s threads.
+
+    With `reconnect`, a connection whose transaction failed and that no
+    longer answers (its server process was terminated, the server restarted)
+    is dropped from the pool, and the next transaction of that thread opens a
+    new one; without it, a dead connection would fail every later
+    transaction of its thread. The transaction that met the dead connection
+    still fails: it may or may not have committed, so it is not retried.
+    """
 
     def __init__(
         self,
@@ -211,6 +219,7 @@ class _PoolRunner:
         reactor: IReactorCore,
         connect_args: Sequence[Any],
         pool_size: int,
+        reconnect: bool = False,
     ) -> None:
         self._pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]  # adbapi is unannotated
             engine.dbapi_module,
@@ -220,6 +229,7 @@ class _PoolRunner:
             cp_openfun=engine.on_connect,
             cp_reactor=reactor,
             cp_noisy=False,
+            cp_reconnect=reconnect,
             **engine.connect_kwargs,
         )
 
@@ -307,14 +317,18 @@ class Database:
         ``user``, ...; see `synapse_replication.storage.postgres`).
 
         Transactions run concurrently, one per connection, at PostgreSQL's
-        default READ COMMITTED isolation. Needs the ``postgres`` extra.
+        default READ COMMITTED isolation. A connection found dead (a failed
+        transaction whose rollback fails too) is replaced by a new one for
+        the next transaction. Needs the ``postgres`` extra.
         """
         from synapse_replication.storage.postgres import postgres_engine
 
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, not {pool_size}")
         engine = postgres_engine(conn_args)
-        return cls(engine, _PoolRunner(engine, reactor, (), pool_size=pool_size))
+        return cls(
+            engine, _PoolRunner(engine, reactor, (), pool_size=pool_size, reconnect=True)
+        )
 
     @classmethod
     def sqlite_inline(cls, path: str) -> Database:
