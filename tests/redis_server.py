@@ -147,6 +147,16 @@ class _Keep(enum.Enum):
     KEEP = enum.auto()
 
 
+def _info_field(info: RespValue, name: str) -> str | None:
+    """One ``name:value`` field of an ``INFO`` answer."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return None
+
+
 class RedisServer:
     """One redis-server on 127.0.0.1, restartable on the same port."""
 
@@ -256,8 +266,21 @@ class RedisServer:
                     ) from None
                 await deferLater(self._reactor, 0.02, lambda: None)
                 continue
-            await raw.close()
-            return
+            try:
+                info = await raw.execute("INFO", "server")
+            finally:
+                await raw.close()
+            pid = _info_field(info, "process_id")
+            if pid == str(self._process.pid):
+                return
+            # Another Redis answers on our port (taken between _free_port and
+            # our bind): ours will exit with "in use", and start() moves.
+            if self._reactor.seconds() > deadline:
+                raise AssertionError(
+                    f"a redis-server with pid {pid}, not ours ({self._process.pid}), "
+                    f"answers on port {self.port}"
+                )
+            await deferLater(self._reactor, 0.02, lambda: None)
 
     async def stop(self) -> None:
         """Stop the server (also when paused) and wait until it exited."""

@@ -27,11 +27,12 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -246,27 +247,21 @@ class StallingResource(Resource):
         return result
 
 
-class TrackingSite(Site):
+class TrackingSite(WrappingFactory, ServerFactory):
     """A site that keeps its open connections, to drop them when the
-    instance serving it dies."""
+    instance serving it dies (a hung request's among them). A listener
+    factory, hence `ServerFactory`; `WrappingFactory` keeps the live ones."""
 
     def __init__(self, resource: Resource) -> None:
-        super().__init__(resource)
-        self.displayTracebacks = False
-        self.channels: list[HTTPChannel] = []
-
-    def buildProtocol(self, addr: IAddress | None) -> Any:
-        channel = super().buildProtocol(addr)
-        self.channels = [c for c in self.channels if getattr(c, "transport", None) is not None]
-        self.channels.append(channel)
-        return channel
+        site = Site(resource)
+        site.displayTracebacks = False
+        super().__init__(site)
 
     def abort_all(self) -> None:
-        for channel in self.channels:
-            transport: Any = getattr(channel, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-        self.channels = []
+        # `protocols` holds the wrappers of the connections still open.
+        for wrapper in list(self.protocols):
+            if wrapper.transport is not None:
+                wrapper.transport.abortConnection()
 
 
 # -- nodes
