@@ -59,20 +59,9 @@ from synapse_replication.tcp import (
 )
 from tests.postgres_server import fresh_database
 from tests.redis_server import RedisServer, start_redis
-from tests.torture import seeds
+from tests.torture import redis_faults, seeds
 from tests.torture.ledger import MonitoredHandler
 from tests.torture.links import CutPlan, ProtocolProbe
-from tests.torture.redis_faults import (
-    configure_redis,
-    cut_subscriber,
-    kill_connection,
-    redis_busy,
-    redis_connected,
-    restart_redis,
-    stall_subscriber,
-    start_client,
-    torture_settings,
-)
 from tests.torture.runner import (
     REACTOR,
     SECRET,
@@ -151,7 +140,7 @@ class PgWriter(WriterNode):
         scenario = self._scenario
         self.running = True
         if scenario.redis_server is not None:
-            self.redis = start_client(scenario, handler, SERVER, self.name)
+            self.redis = redis_faults.start_client(scenario, handler, SERVER, self.name)
             return
         self.factory = ProbedServerFactory(
             monitor=scenario.monitor,
@@ -179,7 +168,7 @@ class PgWriter(WriterNode):
     def busy(self) -> list[str]:
         assert self.streamer is not None
         busy = [f"{self.name} streamer busy"] if not self.streamer.is_idle() else []
-        return busy + redis_busy(self.name, self.redis)
+        return busy + redis_faults.redis_busy(self.name, self.redis)
 
 
 class EventWriter(PgWriter):
@@ -417,7 +406,7 @@ class PgReader(ReaderNode):
         )
         self.running = True
         if scenario.redis_server is not None:
-            self.redis = start_client(scenario, self.handler, SERVER, self.name)
+            self.redis = redis_faults.start_client(scenario, self.handler, SERVER, self.name)
             return
         for writer in scenario.all_writers():
             factory = _client_factory(scenario, self.handler, self.name)
@@ -447,7 +436,8 @@ class PgReader(ReaderNode):
 
     def connected(self) -> bool:
         if self._scenario.redis_server is not None:
-            return self.handler is not None and self.handler.connected() and redis_connected(self.redis)
+            handler = self.handler
+            return handler is not None and handler.connected() and redis_faults.redis_connected(self.redis)
         return all(self.probe_to(name) is not None for name in self.factories)
 
     def busy(self) -> list[str]:
@@ -464,7 +454,7 @@ class PostgresScenario(Scenario):
     ) -> None:
         super().__init__(case, seed, steps)
         self.redis_server = redis
-        self.redis_settings = None if redis is None else torture_settings(redis)
+        self.redis_settings = None if redis is None else redis_faults.torture_settings(redis)
         self.conn_args = fresh_database(case)
         self.stall = StallControl()
         self.event_writers = {name: EventWriter(self, name) for name in EVENT_WRITERS}
@@ -498,7 +488,7 @@ class PostgresScenario(Scenario):
 
     async def setup(self) -> None:
         if self.redis_server is not None:
-            await configure_redis(self.redis_server)
+            await redis_faults.configure_redis(self.redis_server)
         for writer in self.all_writers():
             await writer.start()
         a, b = self.event_writers["a"], self.event_writers["b"]
@@ -616,7 +606,7 @@ class PostgresScenario(Scenario):
             if probe is not None:
                 probe.arm(CutPlan(mode, after))
             elif reader.running and reader.redis is not None:
-                cut_subscriber(self, reader.redis)
+                redis_faults.cut_subscriber(self, reader.redis)
         elif kind == "pause":
             await self._pause(self._reader(step.args[0]), step.args[1])
         elif kind == "terminate":
@@ -633,13 +623,13 @@ class PostgresScenario(Scenario):
             self.stall.stall_next += step.args[0]
         elif kind == "redis_restart":
             assert self.redis_server is not None
-            await restart_redis(self.redis_server)
+            await redis_faults.restart_redis(self.redis_server)
         elif kind == "redis_kill":
             assert self.redis_server is not None
             name, which = step.args
             node = self.writers.get(name) or self._reader(name)
             assert isinstance(node, PgWriter | PgReader)
-            await kill_connection(self, self.redis_server, node.redis, which)
+            await redis_faults.kill_connection(self, self.redis_server, node.redis, which)
         else:
             raise AssertionError(f"unknown step {step}")
 
@@ -656,7 +646,7 @@ class PostgresScenario(Scenario):
 
     async def _pause(self, reader: PgReader, writer: str) -> None:
         if reader.redis is not None:
-            await stall_subscriber(
+            await redis_faults.stall_subscriber(
                 self, reader.redis, lambda: self.writes[writer].bulk(self.rng.randint(100, 150))
             )
             return
