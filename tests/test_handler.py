@@ -560,10 +560,26 @@ class CatchUpFailureTests(HandlerTestCase):
         self.events_source.fail_next(1)
         handler.on_position(conn, position("events", 3, 3))
         handler.lost_connection(conn)
+        # Its timer goes with it: a stopped instance leaves none behind.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10)
         self.assertEqual(len(self.events_source.calls), 1)
         self.assertEqual(self.dh.rdata_calls, [])
         self.assertEqual(self.dh.get_position("events", W), 0)
+        self.flushLoggedErrors(SourceError)
+
+    def test_catch_up_failing_after_connection_lost_sets_no_timer(self) -> None:
+        """A catch-up in flight when its connection goes, and failing after, is not retried."""
+        self.add_events(W, range(1, 4))
+        handler = self.make_handler({("events", W): 0})
+        conn = self.connect(handler)
+        self.events_source.block_next(1)
+        handler.on_position(conn, position("events", 3, 3))
+        handler.lost_connection(conn)
+        self.events_source.blocked.pop(0).errback(SourceError("the database closed"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.dh.rdata_calls, [])
+        self.assertTrue(handler.is_idle())
         self.flushLoggedErrors(SourceError)
 
 

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -142,6 +142,8 @@ class ReplicationCommandHandler:
         self._warned: set[tuple[str, str]] = set()
         # Next delay before retrying a failed catch-up, per (connection, key).
         self._retry_delays: dict[tuple[IReplicationConnection, _Key], float] = {}
+        # Retries waiting to run, per connection: cancelled when it is lost.
+        self._retry_calls: dict[IReplicationConnection, set[IDelayedCall]] = {}
         # Latest token each writer announced (for metrics: the reader's lag).
         self._announced: dict[_Key, int] = {}
 
@@ -181,6 +183,9 @@ class ReplicationCommandHandler:
         self._state.pop(connection, None)
         for retry_key in [k for k in self._retry_delays if k[0] is connection]:
             del self._retry_delays[retry_key]
+        for call in self._retry_calls.pop(connection, ()):
+            if call.active():
+                call.cancel()
 
     def send_command(self, cmd: Command) -> None:
         """Send `cmd` on every connection."""
@@ -549,6 +554,16 @@ class ReplicationCommandHandler:
         dropped RDATA."""
         key = (cmd.stream_name, cmd.instance_name)
         metrics.count_catch_up_failure(cmd.stream_name)
+        if connection not in self._state:
+            # Lost while the catch-up ran: its next connection catches up.
+            _log.info(
+                "Catch-up of {stream!r} from {instance!r} failed after its connection "
+                "was lost; not retried (POSITION on {conn})",
+                stream=cmd.stream_name,
+                instance=cmd.instance_name,
+                conn=connection.describe(),
+            )
+            return
         delay = self._retry_delays.get((connection, key), self._limits.catch_up_retry_initial_s)
         self._retry_delays[(connection, key)] = min(delay * 2, self._limits.catch_up_retry_max_s)
         _log.warn(
@@ -561,6 +576,11 @@ class ReplicationCommandHandler:
         )
 
         def retry() -> None:
+            calls = self._retry_calls.get(connection)
+            if calls is not None:
+                calls.discard(call)
+                if not calls:
+                    del self._retry_calls[connection]
             state = self._state.get(connection)
             # Skip if the connection is gone or a later POSITION already caught
             # us up: replaying an old POSITION then would look like the stream
@@ -577,7 +597,8 @@ class ReplicationCommandHandler:
                     )
                 self._submit(cmd.stream_name, connection, retry_cmd)
 
-        self._clock.callLater(delay, retry)
+        call = self._clock.callLater(delay, retry)
+        self._retry_calls.setdefault(connection, set()).add(call)
 
     # Commands this handler passes on untouched
 

@@ -5,6 +5,7 @@ against a real PostgreSQL server (tests/postgres_server.py)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Collection
 from typing import Any, Final
@@ -257,3 +258,38 @@ class SameRowsAsSqliteTests(TestCase):
             upto = pg.receipts.current_token("master")
             for limit in (1, 1000):
                 self.assertEqual(await paged(pg.receipts.get_updates, "master", upto, limit), expected)
+
+
+class ConcurrentStateWritesTests(TestCase):
+    """Writes that change one room's current state, made at once on a pool
+    of several connections (bug: the second insert of a key failed on the
+    unique constraint, or an older write could win)."""
+
+    async def test_concurrent_writes_of_one_state_key_all_succeed_in_order(self) -> None:
+        """Concurrent writes of one key all commit; the latest stream ordering is the current state."""
+        stores = await open_pg(self, events_writers=("master", "other"))
+        events = stores.events
+        writes: list[Deferred[Any]] = []
+        for i in range(12):
+            writes.append(
+                Deferred.fromCoroutine(
+                    events.persist_events([state(f"$t{i}", "m.room.topic", ""), message(f"$m{i}")])
+                )
+            )
+            writes.append(
+                Deferred.fromCoroutine(
+                    events.update_current_state(ROOM, {("m.room.topic", ""): f"$u{i}"})
+                )
+            )
+        await gatherResults(writes, consumeErrors=True)
+        deltas = await stores.db.execute(
+            "deltas",
+            "SELECT stream_id, event_id, prev_event_id FROM current_state_delta_stream"
+            " ORDER BY stream_id",
+        )
+        self.assertEqual(len(deltas), 24)
+        # Each change replaced the one at the stream id before it.
+        for before, after in itertools.pairwise(deltas):
+            self.assertEqual(after[2], before[1])
+        current = await events.get_current_state(ROOM)
+        self.assertEqual(current, {("m.room.topic", ""): deltas[-1][1]})

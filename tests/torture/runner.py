@@ -40,7 +40,7 @@ from synapse_replication._json import decode_json
 from synapse_replication.commands import Command, PositionCommand
 from synapse_replication.errors import HttpCatchUpError
 from synapse_replication.handler import HandlerLimits
-from synapse_replication.redis import RedisReplicationClient
+from synapse_replication.redis import RedisReplicationClient, RedisSettings
 from synapse_replication.storage import (
     Database,
     EventsStore,
@@ -617,6 +617,8 @@ class Scenario(abc.ABC):
 
     handler_limits: HandlerLimits = HANDLER_LIMITS
     connection_limits: ConnectionLimits = CONNECTION_LIMITS
+    # Set by topologies that replicate through Redis: its queue's bounds.
+    redis_settings: RedisSettings | None = None
 
     def __init__(self, case: TestCase, seed: int, steps: int) -> None:
         self.case = case
@@ -690,11 +692,14 @@ class Scenario(abc.ABC):
         return "(not recorded)"
 
     def bounds_problems(self) -> list[str]:
+        settings = self.redis_settings
         return check_bounds(
             self.monitor,
             max_pending_commands=self.connection_limits.max_pending_commands,
             max_pending_bytes=self.connection_limits.max_pending_bytes,
             handler_limits=self.handler_limits,
+            max_redis_commands=None if settings is None else settings.max_queued_commands,
+            max_redis_bytes=None if settings is None else settings.max_queued_bytes,
         )
 
     # Running

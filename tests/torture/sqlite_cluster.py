@@ -54,14 +54,24 @@ from synapse_replication.tcp import (
     connect_replication_client,
     listen_replication,
 )
-from tests.redis_server import RawRedis, RedisServer
-from tests.torture.ledger import MonitoredHandler, check_bounds
+from tests.redis_server import RedisServer
+from tests.torture.ledger import MonitoredHandler
 from tests.torture.links import (
     CutPlan,
     JumpingClock,
     MemoryLink,
     ProtocolProbe,
-    shrink_socket_buffers,
+)
+from tests.torture.redis_faults import (
+    configure_redis,
+    cut_subscriber,
+    kill_connection,
+    redis_busy,
+    redis_connected,
+    restart_redis,
+    stall_subscriber,
+    start_client,
+    torture_settings,
 )
 from tests.torture.runner import (
     REACTOR,
@@ -171,16 +181,7 @@ class SqliteWriter(WriterNode):
         self._http = listen_http(REACTOR, self.http_port, self._site)
         self.http_port = self._http.getHost().port  # type: ignore[attr-defined]
         if scenario.redis_settings is not None:
-            self.redis = MonitoredRedisClient(
-                monitor=scenario.monitor,
-                reactor=REACTOR,
-                handler=self.handler,
-                server_name=SERVER,
-                instance_name=WRITER,
-                settings=scenario.redis_settings,
-                rand=scenario.io_rng.random,
-            )
-            self.redis.start()
+            self.redis = start_client(scenario, self.handler, SERVER, WRITER)
         self.running = True
 
     async def stop(self) -> None:
@@ -215,9 +216,7 @@ class SqliteWriter(WriterNode):
             busy.append("writer streamer busy")
         if not self.handler.is_idle():
             busy.append("writer handler busy")
-        if self.redis is not None and (self.redis.queued_commands or not self.redis.publisher_connected):
-            busy.append("writer's Redis publisher not done")
-        return busy
+        return busy + redis_busy("writer", self.redis)
 
 
 class SqliteReader(ReaderNode):
@@ -288,17 +287,7 @@ class SqliteReader(ReaderNode):
         elif self.transport == "memory":
             self.reconnect_at = REACTOR.seconds()
         else:
-            assert scenario.redis_settings is not None
-            self.redis = MonitoredRedisClient(
-                monitor=scenario.monitor,
-                reactor=REACTOR,
-                handler=self.handler,
-                server_name=SERVER,
-                instance_name=self.name,
-                settings=scenario.redis_settings,
-                rand=scenario.io_rng.random,
-            )
-            self.redis.start()
+            self.redis = start_client(scenario, self.handler, SERVER, self.name)
 
     async def stop(self) -> None:
         """Die: drop the connection; the positions are kept for the next start."""
@@ -318,13 +307,6 @@ class SqliteReader(ReaderNode):
             self.redis = None
         await self._http.close()
         self._db.close()
-
-    def live_transport(self) -> Any:
-        """The transport the reader receives on (over Redis, the subscriber's)."""
-        if self.redis is not None:
-            return self.redis.transport_of("subscriber")
-        probe = self.current_probe()
-        return None if probe is None else probe.proto.transport
 
     def current_probe(self) -> ProtocolProbe | None:
         if self.factory is None or self.handler is None:
@@ -346,7 +328,7 @@ class SqliteReader(ReaderNode):
         if self.handler is None or not self.handler.connected():
             return False
         if self.redis is not None:
-            return self.redis.connection is not None and self.redis.publisher_connected
+            return redis_connected(self.redis)
         return self.transport == "tcp" or (self.link is not None and not self.link.closed)
 
     def busy(self) -> list[str]:
@@ -390,15 +372,7 @@ class SqliteScenario(Scenario):
     ) -> None:
         super().__init__(case, seed, steps)
         self.redis_server = redis
-        self.redis_settings = (
-            None
-            if redis is None
-            else redis.settings(
-                backoff=Backoff(initial=0.02, factor=2.0, maximum=0.2),
-                max_queued_commands=300,
-                max_queued_bytes=64 * 1024,
-            )
-        )
+        self.redis_settings = None if redis is None else torture_settings(redis)
         self.clock = JumpingClock(REACTOR)
         self.stall = StallControl()
         self._transports = transports
@@ -445,35 +419,14 @@ class SqliteScenario(Scenario):
         await self.settle()
 
     async def _configure_redis(self) -> None:
-        """Redis drops a subscriber that lets 128 KiB pile up (Synapse's
-        deployments rely on the same limit, at 32 MiB)."""
-        if self.redis_server is None:
-            return
-        raw = await RawRedis.connect(REACTOR, self.redis_server.settings())
-        try:
-            await raw.execute("CONFIG", "SET", "client-output-buffer-limit", "pubsub 128kb 64kb 1")
-        finally:
-            await raw.close()
+        if self.redis_server is not None:
+            await configure_redis(self.redis_server)
 
     async def _kill_redis_connection(self, instance: str, which: str) -> None:
         """Redis closes one connection of one instance (CLIENT KILL)."""
         assert self.redis_server is not None
-        if instance == WRITER:
-            client = self.writer.redis
-        else:
-            client = self._reader(instance).redis
-        transport = None if client is None else client.transport_of(which)
-        if transport is None:
-            return
-        address = transport.getHost()
-        raw = await RawRedis.connect(REACTOR, self.redis_server.settings())
-        try:
-            await raw.execute("CLIENT", "KILL", "ADDR", f"{address.host}:{address.port}")
-            self.count("redis connections killed")
-        except Exception as e:
-            _log.info("CLIENT KILL found nothing: {e}", e=e)
-        finally:
-            await raw.close()
+        client = self.writer.redis if instance == WRITER else self._reader(instance).redis
+        await kill_connection(self, self.redis_server, client, which)
 
     def _pump_links(self) -> None:
         for reader in self.readers:
@@ -502,15 +455,7 @@ class SqliteScenario(Scenario):
         return "(none)" if typing is None else str(typing.journal[-30:])
 
     def bounds_problems(self) -> list[str]:
-        settings = self.redis_settings
-        return self.writer.announcement_problems + check_bounds(
-            self.monitor,
-            max_pending_commands=self.connection_limits.max_pending_commands,
-            max_pending_bytes=self.connection_limits.max_pending_bytes,
-            handler_limits=self.handler_limits,
-            max_redis_commands=None if settings is None else settings.max_queued_commands,
-            max_redis_bytes=None if settings is None else settings.max_queued_bytes,
-        )
+        return self.writer.announcement_problems + super().bounds_problems()
 
     def extra_pending(self) -> list[str]:
         return [
@@ -605,10 +550,7 @@ class SqliteScenario(Scenario):
             name, mode, after = step.args
             reader = self._reader(name)
             if reader.running and reader.redis is not None:
-                transport = reader.live_transport()
-                if transport is not None:
-                    transport.abortConnection()
-                    self.count("redis connections cut")
+                cut_subscriber(self, reader.redis)
             elif reader.running:
                 reader.arm_cut(CutPlan(mode, after))
         elif kind == "pause":
@@ -628,8 +570,7 @@ class SqliteScenario(Scenario):
             self.clock.jump(step.args[0])
         elif kind == "redis_restart":
             assert self.redis_server is not None
-            await self.redis_server.restart()
-            await self._configure_redis()
+            await restart_redis(self.redis_server)
         elif kind == "redis_kill":
             await self._kill_redis_connection(*step.args)
         elif kind == "join":
@@ -643,7 +584,9 @@ class SqliteScenario(Scenario):
         """The reader stops reading while rows pile up, until the writer gives
         up on it (or enough rows went by); then it reads again."""
         if reader.redis is not None:
-            await self._pause_redis(reader)
+            await stall_subscriber(
+                self, reader.redis, lambda: self.writes.bulk(self.rng.randint(100, 150))
+            )
             return
         probe = reader.current_probe()
         if probe is None:
@@ -664,28 +607,6 @@ class SqliteScenario(Scenario):
         finally:
             transport.resumeProducing()
 
-    async def _pause_redis(self, reader: SqliteReader) -> None:
-        """The reader's subscriber stops reading while rows are published,
-        until Redis drops it (output buffer limit) or the reader's own PING
-        times out; then it reads again."""
-        assert reader.redis is not None
-        session = reader.redis.connection
-        transport = reader.live_transport()
-        if transport is None or session is None:
-            return
-        shrink_socket_buffers(transport)
-        transport.pauseProducing()
-        try:
-            for _ in range(10):
-                await self.writes.bulk(self.rng.randint(100, 150))
-                if session.lost:
-                    break
-            deadline = REACTOR.seconds() + 4.0
-            while not session.lost and REACTOR.seconds() < deadline:
-                await deferLater(REACTOR, 0.02, lambda: None)
-            self.count("redis subscribers dropped while paused", int(session.lost))
-        finally:
-            transport.resumeProducing()
 
     async def _restart_reader(self, reader: SqliteReader, writes_while_down: int) -> None:
         if not reader.running:

@@ -1,14 +1,20 @@
-"""Torture, topology (c): PostgreSQL with two writers of `events` and
-`receipts` (a `MultiWriterIdGenerator` per stream), a typing writer, and
-readers connected over loopback TCP to all three.
+"""Torture, topologies (c) and (d): PostgreSQL with two writers of `events`
+and `receipts` (a `MultiWriterIdGenerator` per stream), a typing writer, and
+readers of all three: (c) over loopback TCP, each reader connected to every
+writer; (d) through a real redis-server, every instance (writers included)
+on the one channel, as `app.py` wires a real deployment.
 
 The event writers follow each other (so that an idle one's position keeps
-up) and announce their positions; readers catch the persisted streams up
-from the database and typing over HTTP. Faults, on top of those of the
-SQLite topology (cuts, stalled readers, restarts, failing writes, hanging
-HTTP requests): a writer's PostgreSQL backends terminated
-(``pg_terminate_backend``) in the middle of a burst of writes, after which
-the writer must go on writing.
+up) and announce their positions: over TCP each connects to the other with
+a second handler that takes only positions; over Redis a writer's own
+handler hears the other writer on the channel and its positions move the
+writer's id generators. Readers catch the persisted streams up from the
+database and typing over HTTP. Faults, on top of those of the SQLite
+topologies (cuts, stalled readers, restarts, failing writes, hanging HTTP
+requests; over Redis: Redis restarts, connections killed by Redis,
+subscribers that stop reading until Redis drops them): a writer's
+PostgreSQL backends terminated (``pg_terminate_backend``) in the middle of a
+burst of writes, after which the writer must go on writing.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from synapse_replication.tcp import (
     listen_replication,
 )
 from tests.postgres_server import fresh_database
-from tests.torture import seeds
+from tests.redis_server import RedisServer, start_redis
+from tests.torture import redis_faults, seeds
 from tests.torture.ledger import MonitoredHandler
 from tests.torture.links import CutPlan, ProtocolProbe
 from tests.torture.runner import (
@@ -60,6 +67,7 @@ from tests.torture.runner import (
     SECRET,
     AnnouncementWatch,
     EventWrites,
+    MonitoredRedisClient,
     ProbedClientFactory,
     ProbedServerFactory,
     ReaderNode,
@@ -113,19 +121,63 @@ def terminate_backends(conn_args: dict[str, Any], application_name: str) -> int:
         conn.close()
 
 
-class EventWriter(WriterNode):
-    """Writer `a` or `b` of events and receipts; follows the other writer."""
+class PgWriter(WriterNode):
+    """What writers `a`, `b` and `t` share: a handler and a streamer,
+    reachable over a TCP listener or through Redis."""
 
     def __init__(self, scenario: PostgresScenario, name: str) -> None:
         self.name = name
         self._scenario = scenario
         self.port = 0
-        self.stores: Stores | None = None
-        self.streams: dict[str, Stream[Any]] = {}
         self.handler: ReplicationCommandHandler | None = None
         self.streamer: ReplicationStreamer | None = None
         self.factory: ProbedServerFactory | None = None
         self._listening: IListeningPort | None = None
+        self.redis: MonitoredRedisClient | None = None
+
+    def _serve(self, handler: ReplicationCommandHandler) -> None:
+        """Listen on our port, or join the Redis channel."""
+        scenario = self._scenario
+        self.running = True
+        if scenario.redis_server is not None:
+            self.redis = redis_faults.start_client(scenario, handler, SERVER, self.name)
+            return
+        self.factory = ProbedServerFactory(
+            monitor=scenario.monitor,
+            clock=REACTOR,
+            handler=handler,
+            server_name=SERVER,
+            limits=scenario.connection_limits,
+        )
+        self._listening = listen_replication(REACTOR, self.port, self.factory)
+        self.port = self._listening.getHost().port  # type: ignore[attr-defined]
+
+    async def _unserve(self) -> None:
+        """Stop listening and drop every connection, or leave Redis."""
+        self.running = False
+        if self._listening is not None:
+            await _stop_listening(self._listening)
+            self._listening = None
+        if self.factory is not None:
+            for proto in list(self.factory.connections):
+                _abort(proto.transport)
+        if self.redis is not None:
+            await self.redis.stop()
+            self.redis = None
+
+    def busy(self) -> list[str]:
+        assert self.streamer is not None
+        busy = [f"{self.name} streamer busy"] if not self.streamer.is_idle() else []
+        return busy + redis_faults.redis_busy(self.name, self.redis)
+
+
+class EventWriter(PgWriter):
+    """Writer `a` or `b` of events and receipts; follows the other writer."""
+
+    def __init__(self, scenario: PostgresScenario, name: str) -> None:
+        super().__init__(scenario, name)
+        self.stores: Stores | None = None
+        self.streams: dict[str, Stream[Any]] = {}
         self._follower: ProbedClientFactory | None = None
         self.application_name = f"torture-{name}"
         # What it announced, across its restarts (see AnnouncementWatch).
@@ -151,11 +203,18 @@ class EventWriter(WriterNode):
             ),
         }
         stream_writers = dict.fromkeys(PERSISTED, EVENT_WRITERS)
+        id_gens = {EVENTS: stores.events_id_gen, RECEIPTS: stores.receipts_id_gen}
+        advancing = WriterReplicationDataHandler(
+            {s: g for s, g in id_gens.items() if isinstance(g, MultiWriterIdGenerator)}
+        )
         self.handler = ReplicationCommandHandler(
             instance_name=self.name,
             clock=REACTOR,
             streams=self.streams,
-            data_handler=ReplicationDataHandler(),
+            # Over Redis this handler hears the other writer on the channel
+            # and follows it, as a real instance does (over TCP the
+            # follower below does).
+            data_handler=advancing if scenario.redis_server else ReplicationDataHandler(),
             writer_streams=PERSISTED,
             stream_writers=stream_writers,
         )
@@ -169,36 +228,17 @@ class EventWriter(WriterNode):
         AnnouncementWatch(
             self.handler, PERSISTED, self._describe, self.announced, self.announcement_problems
         )
-        self.factory = ProbedServerFactory(
-            monitor=scenario.monitor,
-            clock=REACTOR,
-            handler=self.handler,
-            server_name=SERVER,
-            limits=scenario.connection_limits,
-        )
-        self._listening = listen_replication(REACTOR, self.port, self.factory)
-        self.port = self._listening.getHost().port  # type: ignore[attr-defined]
-        id_gens = {EVENTS: stores.events_id_gen, RECEIPTS: stores.receipts_id_gen}
+        self._serve(self.handler)
+        if scenario.redis_server is not None:
+            return
         follower = ReplicationCommandHandler(
             instance_name=self.name,
             clock=REACTOR,
             streams=reader_streams(self.name, dict.fromkeys(PERSISTED, positions_only)),
-            data_handler=WriterReplicationDataHandler(
-                {s: g for s, g in id_gens.items() if isinstance(g, MultiWriterIdGenerator)}
-            ),
+            data_handler=advancing,
             stream_writers=stream_writers,
         )
-        self._follower = ProbedClientFactory(
-            monitor=scenario.monitor,
-            clock=REACTOR,
-            handler=follower,
-            server_name=SERVER,
-            instance_name=self.name,
-            limits=scenario.connection_limits,
-            backoff=BACKOFF,
-            rand=scenario.io_rng.random,
-        )
-        self.running = True
+        self._follower = _client_factory(scenario, follower, self.name)
 
     def _describe(self) -> str:
         assert self.stores is not None
@@ -211,20 +251,16 @@ class EventWriter(WriterNode):
         )
 
     def follow(self, other: EventWriter) -> None:
-        assert self._follower is not None
-        connect_replication_client(REACTOR, "127.0.0.1", other.port, self._follower)
+        """Over TCP: connect to the other writer (over Redis: nothing to do)."""
+        if self._follower is not None:
+            connect_replication_client(REACTOR, "127.0.0.1", other.port, self._follower)
 
     async def stop(self) -> None:
-        self.running = False
-        assert self._follower is not None and self.factory is not None
-        self._follower.stopTrying()
-        for probe in self._follower.probes:
-            _abort(probe.proto.transport)
-        if self._listening is not None:
-            await _stop_listening(self._listening)
-            self._listening = None
-        for proto in list(self.factory.connections):
-            _abort(proto.transport)
+        if self._follower is not None:
+            self._follower.stopTrying()
+            for probe in self._follower.probes:
+                _abort(probe.proto.transport)
+        await self._unserve()
         assert self.streamer is not None and self.stores is not None
         self.streamer.stop()
         await self.streamer.wait_until_idle()
@@ -233,28 +269,18 @@ class EventWriter(WriterNode):
     def current_token(self, stream: str) -> int:
         return self.streams[stream].current_token(self.name)
 
-    def busy(self) -> list[str]:
-        assert self.streamer is not None and self.handler is not None
-        return [f"{self.name} streamer busy"] if not self.streamer.is_idle() else []
-
     def problems(self) -> list[str]:
         return list(self.announcement_problems)
 
 
-class TypingWriterNode(WriterNode):
+class TypingWriterNode(PgWriter):
     """Writer `t` of typing: no database, an HTTP endpoint for catch-ups."""
 
     def __init__(self, scenario: PostgresScenario) -> None:
-        self.name = TYPING_WRITER
-        self._scenario = scenario
-        self.port = 0
+        super().__init__(scenario, TYPING_WRITER)
         self.http_port = 0
         self.typing: TypingWriter | None = None
         self.stream: TypingStream | None = None
-        self.handler: ReplicationCommandHandler | None = None
-        self.streamer: ReplicationStreamer | None = None
-        self.factory: ProbedServerFactory | None = None
-        self._listening: IListeningPort | None = None
         self._http: IListeningPort | None = None
         self._site: TrackingSite | None = None
 
@@ -275,32 +301,20 @@ class TypingWriterNode(WriterNode):
             clock=REACTOR, command_handler=self.handler, streams=[self.stream]
         )
         notifier.add(self.streamer.on_notifier_poke)
-        self.factory = ProbedServerFactory(
-            monitor=scenario.monitor,
-            clock=REACTOR,
-            handler=self.handler,
-            server_name=SERVER,
-            limits=scenario.connection_limits,
-        )
-        self._listening = listen_replication(REACTOR, self.port, self.factory)
-        self.port = self._listening.getHost().port  # type: ignore[attr-defined]
         resource = ReplicationHttpResource(
             instance_name=self.name, streams={TYPING: self.stream}, secret=SECRET, clock=REACTOR
         )
         self._site = TrackingSite(StallingResource(resource, scenario.stall))
         self._http = listen_http(REACTOR, self.http_port, self._site)
         self.http_port = self._http.getHost().port  # type: ignore[attr-defined]
-        self.running = True
+        self._serve(self.handler)
 
     async def stop(self) -> None:
-        self.running = False
-        for port in (self._listening, self._http):
-            if port is not None:
-                await _stop_listening(port)
-        self._listening = self._http = None
-        assert self.factory is not None and self._site is not None
-        for proto in list(self.factory.connections):
-            _abort(proto.transport)
+        if self._http is not None:
+            await _stop_listening(self._http)
+            self._http = None
+        await self._unserve()
+        assert self._site is not None
         self._site.abort_all()
         assert self.typing is not None and self.streamer is not None
         self.typing.stop()
@@ -309,10 +323,6 @@ class TypingWriterNode(WriterNode):
     def current_token(self, stream: str) -> int:
         assert self.typing is not None
         return self.typing.current_token(self.name)
-
-    def busy(self) -> list[str]:
-        assert self.streamer is not None
-        return ["t streamer busy"] if not self.streamer.is_idle() else []
 
 
 async def _stop_listening(port: IListeningPort) -> None:
@@ -326,14 +336,32 @@ def _abort(transport: Any) -> None:
         transport.abortConnection()
 
 
+def _client_factory(
+    scenario: PostgresScenario, handler: ReplicationCommandHandler, name: str
+) -> ProbedClientFactory:
+    """A TCP client factory for `handler`, of instance `name`."""
+    return ProbedClientFactory(
+        monitor=scenario.monitor,
+        clock=REACTOR,
+        handler=handler,
+        server_name=SERVER,
+        instance_name=name,
+        limits=scenario.connection_limits,
+        backoff=BACKOFF,
+        rand=scenario.io_rng.random,
+    )
+
+
 class PgReader(ReaderNode):
-    """A reader connected to `a`, `b` and `t` over TCP."""
+    """A reader connected to `a`, `b` and `t` over TCP, or on the Redis
+    channel."""
 
     def __init__(self, scenario: PostgresScenario, name: str) -> None:
         super().__init__(name)
         self._scenario = scenario
         self.handler: MonitoredHandler | None = None
         self.factories: dict[str, ProbedClientFactory] = {}
+        self.redis: MonitoredRedisClient | None = None
         self._stores: Stores | None = None
         self._http: HttpReplicationClient | None = None
 
@@ -377,17 +405,11 @@ class PgReader(ReaderNode):
             limits=scenario.handler_limits,
         )
         self.running = True
+        if scenario.redis_server is not None:
+            self.redis = redis_faults.start_client(scenario, self.handler, SERVER, self.name)
+            return
         for writer in scenario.all_writers():
-            factory = ProbedClientFactory(
-                monitor=scenario.monitor,
-                clock=REACTOR,
-                handler=self.handler,
-                server_name=SERVER,
-                instance_name=self.name,
-                limits=scenario.connection_limits,
-                backoff=BACKOFF,
-                rand=scenario.io_rng.random,
-            )
+            factory = _client_factory(scenario, self.handler, self.name)
             self.factories[writer.name] = factory
             connect_replication_client(REACTOR, "127.0.0.1", writer.port, factory)
 
@@ -398,6 +420,9 @@ class PgReader(ReaderNode):
             factory.stopTrying()
             for probe in factory.probes:
                 _abort(probe.proto.transport)
+        if self.redis is not None:
+            await self.redis.stop()
+            self.redis = None
         assert self._http is not None and self._stores is not None
         await self._http.close()
         self._stores.close()
@@ -410,6 +435,9 @@ class PgReader(ReaderNode):
         return next((p for p in reversed(factory.probes) if p.proto in live), None)
 
     def connected(self) -> bool:
+        if self._scenario.redis_server is not None:
+            handler = self.handler
+            return handler is not None and handler.connected() and redis_faults.redis_connected(self.redis)
         return all(self.probe_to(name) is not None for name in self.factories)
 
     def busy(self) -> list[str]:
@@ -419,10 +447,14 @@ class PgReader(ReaderNode):
 
 
 class PostgresScenario(Scenario):
-    """One randomized run of topology (c)."""
+    """One randomized run of topology (c), or (d) with `redis`."""
 
-    def __init__(self, case: TestCase, seed: int, steps: int) -> None:
+    def __init__(
+        self, case: TestCase, seed: int, steps: int, redis: RedisServer | None = None
+    ) -> None:
         super().__init__(case, seed, steps)
+        self.redis_server = redis
+        self.redis_settings = None if redis is None else redis_faults.torture_settings(redis)
         self.conn_args = fresh_database(case)
         self.stall = StallControl()
         self.event_writers = {name: EventWriter(self, name) for name in EVENT_WRITERS}
@@ -455,6 +487,8 @@ class PostgresScenario(Scenario):
         return self.typing_writer.typing
 
     async def setup(self) -> None:
+        if self.redis_server is not None:
+            await redis_faults.configure_redis(self.redis_server)
         for writer in self.all_writers():
             await writer.start()
         a, b = self.event_writers["a"], self.event_writers["b"]
@@ -508,7 +542,10 @@ class PostgresScenario(Scenario):
             "restart_reader": 2,
             "restart_writer": 3,
             "stall_http": 3,
+            "redis_restart": 2 if self.redis_server is not None else 0,
+            "redis_kill": 4 if self.redis_server is not None else 0,
         }
+        instances = [*self.writers, *(r.name for r in self.readers)]
         schedule = []
         for _ in range(self.n_steps):
             kind = rng.choices(list(kinds), list(kinds.values()))[0]
@@ -536,6 +573,9 @@ class PostgresScenario(Scenario):
                 schedule.append(Step(kind, (rng.choice((*EVENT_WRITERS, TYPING_WRITER)),)))
             elif kind == "stall_http":
                 schedule.append(Step(kind, (rng.randint(1, 3),)))
+            elif kind == "redis_kill":
+                which = rng.choice(("subscriber", "publisher"))
+                schedule.append(Step(kind, (rng.choice(instances), which)))
             else:
                 schedule.append(Step(kind))
         return schedule
@@ -561,9 +601,12 @@ class PostgresScenario(Scenario):
             await self.settle_and_check("a quiet period")
         elif kind == "cut":
             name, target, mode, after = step.args
-            probe = self._reader(name).probe_to(target)
+            reader = self._reader(name)
+            probe = reader.probe_to(target)
             if probe is not None:
                 probe.arm(CutPlan(mode, after))
+            elif reader.running and reader.redis is not None:
+                redis_faults.cut_subscriber(self, reader.redis)
         elif kind == "pause":
             await self._pause(self._reader(step.args[0]), step.args[1])
         elif kind == "terminate":
@@ -578,6 +621,15 @@ class PostgresScenario(Scenario):
             await self._restart_writer(step.args[0])
         elif kind == "stall_http":
             self.stall.stall_next += step.args[0]
+        elif kind == "redis_restart":
+            assert self.redis_server is not None
+            await redis_faults.restart_redis(self.redis_server)
+        elif kind == "redis_kill":
+            assert self.redis_server is not None
+            name, which = step.args
+            node = self.writers.get(name) or self._reader(name)
+            assert isinstance(node, PgWriter | PgReader)
+            await redis_faults.kill_connection(self, self.redis_server, node.redis, which)
         else:
             raise AssertionError(f"unknown step {step}")
 
@@ -593,6 +645,11 @@ class PostgresScenario(Scenario):
         await self.settle_and_check(f"a restart of {name}")
 
     async def _pause(self, reader: PgReader, writer: str) -> None:
+        if reader.redis is not None:
+            await redis_faults.stall_subscriber(
+                self, reader.redis, lambda: self.writes[writer].bulk(self.rng.randint(100, 150))
+            )
+            return
         probe = reader.probe_to(writer)
         if probe is None:
             return
@@ -641,17 +698,24 @@ class PostgresScenario(Scenario):
 
 
 class PostgresTortureTests(TestCase):
-    """Topology (c) under random schedules."""
+    """Topologies (c) and (d) under random schedules."""
 
     timeout = 3600 if seeds.long_mode() else 240
 
-    async def test_two_event_writers_and_a_typing_writer(self) -> None:
-        """Readers of two event writers and a typing writer end with every row once and in order."""
+    async def _torture(self, base: int, redis: RedisServer | None) -> None:
         steps = seeds.schedule_length(60, 200)
 
         async def one(seed: int) -> None:
-            scenario = PostgresScenario(self, seed, steps)
+            scenario = PostgresScenario(self, seed, steps, redis)
             await scenario.run()
             check_logged_errors(self, seed)
 
-        await seeds.run_seeds(self.id(), seeds.seeds(4000, 4, 10), one)
+        await seeds.run_seeds(self.id(), seeds.seeds(base, 4, 10), one)
+
+    async def test_two_event_writers_and_a_typing_writer(self) -> None:
+        """Readers of two event writers and a typing writer end with every row once and in order."""
+        await self._torture(4000, None)
+
+    async def test_two_event_writers_and_a_typing_writer_through_redis(self) -> None:
+        """The same with every instance, writers included, replicating through Redis."""
+        await self._torture(5000, await start_redis(self, REACTOR))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
+from twisted.internet.defer import DeferredLock
 
 from synapse_replication._json import JsonValue, encode_json
 from synapse_replication.storage._paging import page_whole_tokens
@@ -259,23 +260,48 @@ class EventsStore:
         self._id_gen = id_gen
         self._instance_name = instance_name
         self._notify = notify
+        # Writes that change a room's current state, one at a time per room.
+        self._room_locks: dict[str, DeferredLock] = {}
 
     async def _write(
-        self, count: int, desc: str, func: Callable[[Cursor, list[int]], None]
+        self,
+        count: int,
+        desc: str,
+        func: Callable[[Cursor, list[int]], None],
+        state_rooms: Iterable[str] = (),
     ) -> list[int]:
+        """Run `func` in one transaction at `count` new ids. Writes that
+        change the current state of a room in `state_rooms` wait for each
+        other, from before their ids are taken to their commit: on
+        PostgreSQL two at once would race (the second's insert of a key
+        fails on the unique constraint), and the later ids must be the ones
+        that win (Synapse serializes a room's persistence the same way)."""
+
         def run(cursor: Cursor, ids: list[int]) -> list[int]:
             func(cursor, ids)
             return ids
 
-        ids = await write_at_new_ids(
-            self._db,
-            self._id_gen,
-            stream_name=EVENTS_STREAM_NAME,
-            instance_name=self._instance_name,
-            count=count,
-            desc=desc,
-            func=run,
-        )
+        held: list[tuple[str, DeferredLock]] = []
+        try:
+            # In one order, so that two writes of several rooms cannot deadlock.
+            for room_id in sorted(set(state_rooms)):
+                lock = self._room_locks.setdefault(room_id, DeferredLock())
+                await lock.acquire()
+                held.append((room_id, lock))
+            ids = await write_at_new_ids(
+                self._db,
+                self._id_gen,
+                stream_name=EVENTS_STREAM_NAME,
+                instance_name=self._instance_name,
+                count=count,
+                desc=desc,
+                func=run,
+            )
+        finally:
+            for room_id, lock in reversed(held):
+                lock.release()
+                if not lock.locked and not lock.waiting and self._room_locks.get(room_id) is lock:
+                    del self._room_locks[room_id]
         self._notify()
         return ids
 
@@ -325,7 +351,15 @@ class EventsStore:
                         cursor, ids[0], instance_name, room_id, changes.items()
                     )
 
-        return await self._write(len(events), "persist_events", persist)
+        if state_delta is None:
+            state_rooms = [
+                e.room_id
+                for e in events
+                if e.state_key is not None and not e.rejected and not e.outlier
+            ]
+        else:
+            state_rooms = list(state_delta)
+        return await self._write(len(events), "persist_events", persist, state_rooms)
 
     def _insert_event(
         self, cursor: Cursor, event: EventToPersist, stream_ordering: int
@@ -404,7 +438,7 @@ class EventsStore:
         def update(cursor: Cursor, ids: list[int]) -> None:
             _write_state_changes(cursor, ids[0], instance_name, room_id, items)
 
-        (stream_id,) = await self._write(1, "update_current_state", update)
+        (stream_id,) = await self._write(1, "update_current_state", update, [room_id])
         return stream_id
 
     async def de_outlier_events(self, event_ids: Sequence[str]) -> list[int]:
