@@ -52,7 +52,7 @@ from synapse_replication.commands import (
     RdataCommand,
     UserIpCommand,
     encode_command,
-    parse_command_from_line,
+    parse_command_from_bytes,
 )
 from synapse_replication.streams import STREAMS_MAP
 
@@ -405,7 +405,7 @@ def describe_mix(specs: Sequence[Spec], lines: Sequence[bytes]) -> list[str]:
 
 
 def ours_parse_line(line: bytes) -> tuple[Command, Any]:
-    cmd = parse_command_from_line(line.decode("utf-8"))
+    cmd = parse_command_from_bytes(line)
     row = None
     if isinstance(cmd, RdataCommand):
         row = STREAMS_MAP[cmd.stream_name].parse_row(cmd.row)
@@ -451,11 +451,11 @@ class SynapseSide:
 
 
 def ours_parse_all(lines: Sequence[bytes]) -> None:
-    parse = parse_command_from_line
+    parse = parse_command_from_bytes
     streams = STREAMS_MAP
     rdata = RdataCommand
     for line in lines:
-        cmd = parse(line.decode("utf-8"))
+        cmd = parse(line)
         if isinstance(cmd, rdata):
             streams[cmd.stream_name].parse_row(cmd.row)
 

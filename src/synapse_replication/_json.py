@@ -41,6 +41,13 @@ _fast_decode: Final = msgspec.json.Decoder().decode
 _fast_encode: Final = msgspec.json.Encoder().encode
 # msgspec's ValidationError is a DecodeError; neither is a ValueError.
 _FastDecodeError: Final = msgspec.DecodeError
+
+# For hot paths that cannot afford the call to `decode_json`: what
+# `fast_decode_json` returns is what `decode_json` returns for the same input;
+# when it raises one of `FAST_DECODE_ERRORS` (msgspec refused the text, or the
+# bytes are not UTF-8), `decode_json` must decide.
+fast_decode_json: Final = _fast_decode
+FAST_DECODE_ERRORS: Final = (_FastDecodeError, UnicodeDecodeError, RecursionError)
 _FastEncodeErrors: Final = (msgspec.EncodeError, UnicodeEncodeError, OverflowError)
 _NoneType: Final = type(None)
 
@@ -70,6 +77,15 @@ def _plain(value: Any) -> bool:
                 return False
         return True
     return False
+
+
+# For hot paths that cannot afford the call to `encode_json_bytes`: when
+# `plain_json(value)` holds, `fast_encode_json(value)` either raises one of
+# `FAST_ENCODE_ERRORS` or gives bytes which, if they are ASCII without DEL,
+# are what `encode_json_bytes` returns; in every other case it must decide.
+plain_json: Final = _plain
+fast_encode_json: Final = _fast_encode
+FAST_ENCODE_ERRORS: Final = _FastEncodeErrors
 
 
 def encode_json_bytes(value: JsonValue) -> bytes:

@@ -40,6 +40,17 @@ DEFAULT_TARGET_ROW_COUNT: Final = 100
 _NoneType: Final = type(None)
 
 
+class RowBase:
+    """Base of the typed row classes (frozen attrs classes with slots).
+
+    It holds their weak reference slot, which attrs would otherwise add to each
+    class after its fields: a row class that adds nothing but its fields has the
+    layout `fast_constructor` needs to build rows quickly in `parse_row`.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
 class Stream(abc.ABC, Generic[RowT]):
     """A named, ordered log of rows, with its source passed in.
 

@@ -1,0 +1,625 @@
+"""The codec's fast paths give exactly what the plain paths give.
+
+`parse_command_from_bytes`, the inline cases of `encode_command`, the inline
+checks of the streams' `parse_row` and `fast_constructor` are speed-ups of code
+that exists (and is tested) in its plain form. Each is checked here against that
+plain form: same values (down to their types and reprs), same errors, same
+messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synapse_replication import _json
+from synapse_replication._fastattrs import fast_constructor
+from synapse_replication.commands import (
+    AnyCommand,
+    Command,
+    LockReleasedCommand,
+    PositionCommand,
+    RdataCommand,
+    UserIpCommand,
+    encode_command,
+    parse_command_from_bytes,
+    parse_command_from_line,
+)
+from synapse_replication.errors import (
+    CommandEncodeError,
+    CommandParseError,
+    StreamRowError,
+)
+from synapse_replication.streams import (
+    STREAMS_MAP,
+    EventsStream,
+    ReceiptsStream,
+    TypingStream,
+)
+from synapse_replication.streams import events as events_module
+from synapse_replication.streams import receipts as receipts_module
+from synapse_replication.streams import typing as typing_module
+from synapse_replication.streams.events import (
+    EventsStreamAllStateRow,
+    EventsStreamCurrentStateRow,
+    EventsStreamEventRow,
+)
+from tests.fakes import TypedTestCase
+from tests.test_commands import (
+    ANY_TEXT,
+    ROWS,
+    TOKENS,
+    VALID_COMMANDS,
+    WORDS,
+    mutated_lines,
+)
+from tests.wire_vectors import wire_lines
+
+FUZZ: Final = settings(max_examples=1000, deadline=None)
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    """What calling `fn` gives, in a form that compares types and messages
+    too: ("ok", type, repr, value) or ("error", type, message)."""
+    try:
+        value = fn()
+    except (CommandParseError, CommandEncodeError, StreamRowError) as e:
+        return ("error", (type(e), str(e)))
+    return ("ok", (type(value), repr(value), value))
+
+
+def plain_parse(line: bytes) -> AnyCommand:
+    """What `parse_command_from_bytes` must be equivalent to."""
+    return parse_command_from_line(line.decode("utf-8"))
+
+
+# ---- parse_command_from_bytes ---------------------------------------------------
+
+
+EV_ROW: Final = (
+    '["ev",["$e:t","!r:t","m.room.member","@u:t",null,null,"join",0,false]]'
+)
+# Bytes that are not UTF-8, or are UTF-8 only in name (overlong forms,
+# encoded surrogates, beyond U+10FFFF, cut short).
+BAD_UTF8: Final = (
+    b"\xff",
+    b"\xc0\xaf",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\xe2\x98",
+    b"\x80",
+)
+
+
+class ParseFromBytesTests(TypedTestCase):
+    def assert_same_as_plain(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            with self.assertRaises(CommandParseError) as caught:
+                parse_command_from_bytes(line)
+            self.assertIsInstance(caught.exception.__cause__, UnicodeDecodeError)
+            return
+        self.assertEqual(
+            outcome(lambda: parse_command_from_bytes(line)),
+            outcome(lambda: parse_command_from_line(text)),
+            line,
+        )
+
+    def test_wire_vectors(self) -> None:
+        """Every wire vector line parses as from text."""
+        for line in wire_lines():
+            self.assert_same_as_plain(line.encode("utf-8"))
+
+    def test_fast_path_commands(self) -> None:
+        """The four commands with a fast path give their commands."""
+        self.assertEqual(
+            parse_command_from_bytes(f"RDATA events w1 12 {EV_ROW}".encode()),
+            RdataCommand(
+                "events",
+                "w1",
+                12,
+                ["ev", ["$e:t", "!r:t", "m.room.member", "@u:t", None, None, "join", 0, False]],
+            ),
+        )
+        self.assertEqual(
+            parse_command_from_bytes(b"RDATA typing w1 batch []"),
+            RdataCommand("typing", "w1", None, []),
+        )
+        self.assertEqual(
+            parse_command_from_bytes(b"POSITION events w1 5 7"),
+            PositionCommand("events", "w1", 5, 7),
+        )
+        self.assertEqual(
+            parse_command_from_bytes(
+                b'USER_IP @u:t ["tok","::1","UA \\u00e9",null,5]'
+            ),
+            UserIpCommand("@u:t", "tok", "::1", "UA \u00e9", None, 5),
+        )
+        self.assertEqual(
+            parse_command_from_bytes(b'LOCK_RELEASED ["w","l","k"]'),
+            LockReleasedCommand("w", "l", "k"),
+        )
+
+    def test_results_are_the_real_classes(self) -> None:
+        """What the fast paths build is an instance of the command class:
+        frozen, hashable, weakly referenceable, equal to the constructor's."""
+        for line, cmd in (
+            (b"RDATA s i 1 [1]", RdataCommand("s", "i", 1, [1])),
+            (b"POSITION s i 1 2", PositionCommand("s", "i", 1, 2)),
+            (b'USER_IP @u:t ["t","i","u","d",1]', UserIpCommand("@u:t", "t", "i", "u", "d", 1)),
+            (b'LOCK_RELEASED ["a","b","c"]', LockReleasedCommand("a", "b", "c")),
+        ):
+            parsed = parse_command_from_bytes(line)
+            self.assertIs(type(parsed), type(cmd))
+            self.assertEqual(parsed, cmd)
+            self.assertEqual(repr(parsed), repr(cmd))
+            if not isinstance(parsed, RdataCommand):
+                self.assertEqual(hash(parsed), hash(cmd))
+            self.assertIs(weakref.ref(parsed)(), parsed)
+            self.assertRaises(
+                attrs.exceptions.FrozenInstanceError,
+                setattr,
+                parsed,
+                attrs.fields(type(parsed))[0].name,
+                "x",
+            )
+
+    def test_edge_cases(self) -> None:
+        """Lines at the edges of the fast paths give what the text path gives."""
+        for line in (
+            b"RDATA events w1 -1 []",
+            b"RDATA events w1 +1 []",
+            b"RDATA events w1 0012 []",
+            b"RDATA events w1 1_0 []",
+            b"RDATA events w1 " + b"9" * 5000 + b" []",
+            b"RDATA events w1 " + b"9" * 999 + b" []",
+            b"RDATA events w1 \xd9\xa1 []",
+            b"RDATA events w1 batch",
+            b"RDATA events w1 batch ",
+            b"RDATA  w1 1 []",
+            b"RDATA events  1 []",
+            b"RDATA events w1 1 [1e400]",
+            b"RDATA events w1 1 NaN",
+            b'RDATA events w1 1 ["\\ud800"]',
+            b"RDATA events w1 1 " + b"[" * 2000 + b"]" * 2000,
+            b"RDATA events w1 1 [1] [2]",
+            b"RDATA \xc3\xa9v\xc3\xa9nements w1 1 []",
+            b"RDATA",
+            b"RDATA ",
+            b"POSITION events w1 1 2 3",
+            b"POSITION events w1 1",
+            b"POSITION events w1 -1 2",
+            b"POSITION events w1 1 " + b"9" * 5000,
+            b"POSITION  w1 1 2",
+            b"POSITION \xc3\xa9 w1 1 2",
+            b"USER_IP",
+            b"USER_IP ",
+            b"USER_IP @u:t",
+            b"USER_IP  []",
+            b'USER_IP @u:t ["t","i","u",null,1.5]',
+            b'USER_IP @u:t ["t","i","u",null,true]',
+            b'USER_IP @u:t ["t","i","u",null]',
+            b'USER_IP @u:t  ["t","i","u",null,1]',
+            b'USER_IP @\xc3\xa9:t ["t","i","u",null,1]',
+            b"LOCK_RELEASED",
+            b"LOCK_RELEASED ",
+            b'LOCK_RELEASED ["a","b"]',
+            b'LOCK_RELEASED ["a","b",1]',
+            b'LOCK_RELEASED  ["a","b","c"]',
+            b"REPLICATE",
+            b"PING 123",
+            b"",
+        ):
+            self.assert_same_as_plain(line)
+
+    def test_bad_utf8(self) -> None:
+        """A line that is not UTF-8 anywhere is refused with CommandParseError,
+        whose cause is the UnicodeDecodeError, in every field of every fast path."""
+        for bad in BAD_UTF8:
+            for line in (
+                b"RDATA ev" + bad + b" w1 1 []",
+                b"RDATA events w" + bad + b" 1 []",
+                b'RDATA events w1 1 ["' + bad + b'"]',
+                b'RDATA events w1 1 {"' + bad + b'":1}',
+                b"RDATA events w1 1 [" + bad + b"]",
+                b"POSITION ev" + bad + b" w1 1 2",
+                b'USER_IP @u' + bad + b':t ["t","i","u",null,1]',
+                b'USER_IP @u:t ["t' + bad + b'","i","u",null,1]',
+                b'LOCK_RELEASED ["a","' + bad + b'","c"]',
+                b"PING " + bad,
+                bad,
+            ):
+                self.assert_same_as_plain(line)
+
+    def test_bad_utf8_in_user_ip_hides_the_token(self) -> None:
+        """The error for a USER_IP line that is not UTF-8 shows the user id only."""
+        with self.assertRaises(CommandParseError) as caught:
+            parse_command_from_bytes(b'USER_IP @u:t ["syt_secret\xff","i","u",null,1]')
+        self.assertNotIn("secret", str(caught.exception))
+        self.assertIn("@u:t", str(caught.exception))
+        self.assertEqual(caught.exception.command, "USER_IP")
+
+    @FUZZ
+    @given(mutated_lines())
+    def test_mutated_lines(self, line: str) -> None:
+        """Mutated wire lines, as UTF-8 (lone surrogates make it invalid)."""
+        self.assert_same_as_plain(line.encode("utf-8", "surrogatepass"))
+
+    @FUZZ
+    @given(st.binary())
+    def test_random_bytes(self, line: bytes) -> None:
+        """Random bytes."""
+        self.assert_same_as_plain(line)
+
+    @FUZZ
+    @given(
+        st.sampled_from((b"RDATA ", b"POSITION ", b"USER_IP ", b"LOCK_RELEASED ")),
+        st.binary() | ANY_TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")),
+    )
+    def test_fast_path_names_and_random_rest(self, name: bytes, rest: bytes) -> None:
+        """A fast-path command name and a random rest."""
+        self.assert_same_as_plain(name + rest)
+
+    @FUZZ
+    @given(VALID_COMMANDS)
+    def test_valid_commands(self, cmd: AnyCommand) -> None:
+        """Every valid command's line parses as from text, and back to it."""
+        line = encode_command(cmd)
+        self.assert_same_as_plain(line)
+        self.assertEqual(parse_command_from_bytes(line), cmd)
+
+
+# ---- encode_command -----------------------------------------------------------
+
+
+def plain_encode(cmd: Command) -> bytes:
+    """What `encode_command` must be equivalent to."""
+    return cmd.to_bytes()
+
+
+ODD_TEXT: Final = st.sampled_from(
+    ("", " ", "a b", "a\nb", "\ud800", "\x7f", "é", "🎉", "\u2028", "\\", '"', "\x00")
+)
+ODD_WORDS: Final = WORDS | ODD_TEXT
+ODD_SCALARS: Final = (
+    st.none()
+    | st.booleans()
+    | TOKENS
+    | st.floats()
+    | ANY_TEXT
+    | ODD_TEXT
+    | st.sampled_from((1.0, 1e16, -0.0, 2**70))
+)
+ODD_ROWS: Final = st.recursive(
+    ODD_SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(ANY_TEXT | ODD_TEXT, children, max_size=4)
+        | st.dictionaries(st.integers() | st.none(), children, max_size=2)
+    ),
+    max_leaves=12,
+)
+ODD_INTS: Final = TOKENS | st.booleans() | st.sampled_from((1.0, "1"))
+
+ODD_COMMANDS: Final[st.SearchStrategy[Command]] = st.one_of(
+    st.builds(RdataCommand, ODD_WORDS, ODD_WORDS, st.none() | ODD_INTS, ODD_ROWS),
+    st.builds(PositionCommand, ODD_WORDS, ODD_WORDS, ODD_INTS, ODD_INTS),
+    st.builds(
+        UserIpCommand,
+        ODD_WORDS,
+        ANY_TEXT | ODD_TEXT,
+        ANY_TEXT | ODD_TEXT | st.none(),
+        ANY_TEXT | ODD_TEXT | st.integers(),
+        st.none() | ANY_TEXT | ODD_TEXT,
+        ODD_INTS,
+    ),
+    st.builds(
+        LockReleasedCommand,
+        ANY_TEXT | ODD_TEXT,
+        ANY_TEXT | ODD_TEXT,
+        ANY_TEXT | ODD_TEXT | st.none() | st.integers(),
+    ),
+)
+
+
+class EncodeCommandTests(TypedTestCase):
+    def assert_same_as_plain(self, cmd: Command) -> None:
+        def run(fn: Callable[[Command], bytes]) -> tuple[str, Any]:
+            try:
+                return ("ok", fn(cmd))
+            except CommandEncodeError:
+                # The messages may differ: the fast path leaves every error
+                # to the plain one, so they are the same; but other
+                # exceptions (TypeError, ValueError) must match by type.
+                return ("error", CommandEncodeError)
+            except Exception as e:
+                return ("other", type(e))
+
+        self.assertEqual(run(encode_command), run(plain_encode), cmd)
+
+    def test_examples(self) -> None:
+        """A few lines of each fast-path command, and their refusals."""
+        for cmd in (
+            RdataCommand("events", "w1", 12, ["ev", ["$e", None, True, 0]]),
+            RdataCommand("events", "w1", None, {"a": [1, "é", "🎉", "\x7f"]}),
+            RdataCommand("events", "w1", 1, [1.5]),
+            RdataCommand("events", "w1", 1, [float("nan")]),
+            RdataCommand("events", "w 1", 1, []),
+            RdataCommand("events", "w1\n", 1, []),
+            RdataCommand("", "w1", 1, []),
+            RdataCommand("évé", "w1", 1, []),
+            RdataCommand("\ud800", "w1", 1, []),
+            RdataCommand("s", "i", True, []),
+            RdataCommand("s", "i", 2**70, [2**70, -(2**70)]),
+            PositionCommand("s", "i", 1, 2),
+            PositionCommand("s", "i", True, 2),
+            PositionCommand("s", "i\n", 1, 2),
+            PositionCommand("s\ud800", "i", 1, 2),
+            UserIpCommand("@u:t", "t", "::1", "UA é", None, 5),
+            UserIpCommand("@u:t", "t", "::1", "UA", "\x7f", 5),
+            UserIpCommand("@u :t", "t", "::1", "UA", None, 5),
+            UserIpCommand("@u:t", "t", "::1", "UA", None, 5.0),  # type: ignore[arg-type]  # refused
+            LockReleasedCommand("a", "b", "c\n"),
+            LockReleasedCommand("a", "b", "\ud800"),
+        ):
+            self.assert_same_as_plain(cmd)
+
+    @FUZZ
+    @given(VALID_COMMANDS)
+    def test_valid_commands(self, cmd: AnyCommand) -> None:
+        """Every valid command encodes as its own to_bytes does."""
+        self.assert_same_as_plain(cmd)
+
+    @FUZZ
+    @given(ODD_COMMANDS)
+    def test_odd_commands(self, cmd: Command) -> None:
+        """Commands with odd fields encode, or fail, as their to_bytes does."""
+        self.assert_same_as_plain(cmd)
+
+
+# ---- parse_row ------------------------------------------------------------------
+
+ODD_VALUES: Final = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-2, max_value=3)
+    | st.floats(allow_nan=False)
+    | st.sampled_from(("", "ev", "state", "state-all", "x", 0.0, 1.0))
+    | st.lists(st.sampled_from(("a", 1, None)), max_size=3)
+    | st.dictionaries(st.sampled_from(("ts", "a")), st.integers(), max_size=2)
+)
+
+
+@st.composite
+def near_rows(draw: st.DrawFn, shape: tuple[st.SearchStrategy[Any], ...]) -> Any:
+    """A row of the given shape, with zero to two fields replaced by odd values
+    and sometimes one too many or too few."""
+    row = [draw(field) for field in shape]
+    for _ in range(draw(st.integers(min_value=0, max_value=2))):
+        row[draw(st.integers(min_value=0, max_value=len(row) - 1))] = draw(ODD_VALUES)
+    change = draw(st.sampled_from(("none", "none", "none", "more", "fewer", "tuple")))
+    if change == "more":
+        row.append(draw(ODD_VALUES))
+    elif change == "fewer":
+        row.pop()
+    elif change == "tuple":
+        return tuple(row)
+    return row
+
+
+OPT_STR: Final = st.none() | WORDS
+BOOLISH: Final = st.booleans() | st.sampled_from((0, 1))
+EV_FIELDS: Final = near_rows(
+    (WORDS, WORDS, WORDS, OPT_STR, OPT_STR, OPT_STR, OPT_STR, BOOLISH, BOOLISH)
+)
+STATE_FIELDS: Final = near_rows((WORDS, WORDS, WORDS, OPT_STR))
+EVENTS_ROWS: Final = near_rows(
+    (
+        st.sampled_from(("ev", "state", "state-all", "other")) | ODD_VALUES,
+        EV_FIELDS | STATE_FIELDS | near_rows((WORDS,)) | ODD_VALUES,
+    )
+)
+TYPING_ROWS: Final = near_rows(
+    (WORDS, st.lists(WORDS, max_size=4) | near_rows((WORDS, WORDS)))
+)
+RECEIPTS_ROWS: Final = near_rows(
+    (
+        WORDS,
+        WORDS,
+        WORDS,
+        WORDS,
+        OPT_STR,
+        st.dictionaries(WORDS, st.integers(), max_size=2),
+    )
+)
+
+
+class StrSubclass(str):
+    pass
+
+
+class ParseRowTests(TypedTestCase):
+    def assert_same_as_checked(
+        self, stream: Any, checked: Callable[[Any], Any], row: Any
+    ) -> None:
+        self.assertEqual(
+            outcome(lambda: stream.parse_row(row)), outcome(lambda: checked(row)), row
+        )
+
+    def test_examples(self) -> None:
+        """Rows at the edges of the inline checks."""
+        ev: list[Any] = ["$e", "!r", "m.room.member", "@u", None, None, "join", 0, False]
+        row: Any
+        for row in (
+            ["ev", ev],
+            ["ev", [*ev[:7], 1, True]],
+            ["ev", [*ev[:7], 2, False]],
+            ["ev", [*ev[:7], 1.0, False]],
+            ["ev", [*ev[:7], 0, None]],
+            ["ev", [*ev, 1]],
+            ["ev", ev[:8]],
+            ["ev", tuple(ev)],
+            ("ev", ev),
+            [StrSubclass("ev"), ev],
+            ["ev", [StrSubclass("$e"), *ev[1:]]],
+            ["state", ["!r", "m.room.member", "@u", None]],
+            ["state", ["!r", "m.room.member", None, "$e"]],
+            ["state-all", ["!r"]],
+            ["nope", []],
+            [],
+            None,
+        ):
+            self.assert_same_as_checked(EventsStream, events_module._parse_checked, row)
+        for row in (
+            ["!r", []],
+            ["!r", ["@a", "@b"]],
+            ["!r", ["@a", 1]],
+            ["!r", ("@a",)],
+            [None, []],
+            ["!r", [StrSubclass("@a")]],
+        ):
+            self.assert_same_as_checked(TypingStream, typing_module._parse_checked, row)
+        for row in (
+            ["!r", "m.read", "@u", "$e", None, {"ts": 1}],
+            ["!r", "m.read", "@u", "$e", "main", {}],
+            ["!r", "m.read", "@u", "$e", 1, {}],
+            ["!r", "m.read", "@u", "$e", None, []],
+            ["!r", "m.read", "@u", None, None, {}],
+        ):
+            self.assert_same_as_checked(ReceiptsStream, receipts_module._parse_checked, row)
+
+    def test_rows_are_the_real_classes(self) -> None:
+        """Rows from the inline paths are real, frozen, hashable row instances."""
+        fields = ("$e", "!r", "m.room.member", "@u", None, None, "join")
+        row = EventsStream.parse_row(["ev", [*fields, 1, False]])
+        expected = EventsStreamEventRow(*fields, True, False)
+        self.assertIs(type(row), EventsStreamEventRow)
+        self.assertEqual(row, expected)
+        assert isinstance(row, EventsStreamEventRow)
+        self.assertIs(row.rejected, True)
+        self.assertEqual(hash(row), hash(expected))
+        self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, row, "type", "x")
+        self.assertIs(weakref.ref(row)(), row)
+        state = EventsStream.parse_row(["state", ["!r", "t", "", None]])
+        self.assertIs(type(state), EventsStreamCurrentStateRow)
+        self.assertIs(type(EventsStream.parse_row(["state-all", ["!r"]])), EventsStreamAllStateRow)
+
+    @FUZZ
+    @given(EVENTS_ROWS)
+    def test_events(self, row: Any) -> None:
+        """events rows, well formed or nearly."""
+        self.assert_same_as_checked(EventsStream, events_module._parse_checked, row)
+
+    @FUZZ
+    @given(TYPING_ROWS)
+    def test_typing(self, row: Any) -> None:
+        """typing rows, well formed or nearly."""
+        self.assert_same_as_checked(TypingStream, typing_module._parse_checked, row)
+
+    @FUZZ
+    @given(RECEIPTS_ROWS)
+    def test_receipts(self, row: Any) -> None:
+        """receipts rows, well formed or nearly."""
+        self.assert_same_as_checked(ReceiptsStream, receipts_module._parse_checked, row)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(sorted(STREAMS_MAP)), ROWS)
+    def test_any_stream_any_row(self, name: str, row: Any) -> None:
+        """Any JSON row gives a row or StreamRowError, on every stream."""
+        with contextlib.suppress(StreamRowError):
+            STREAMS_MAP[name].parse_row(row)
+
+
+# ---- fast_constructor -----------------------------------------------------------
+
+
+class FastConstructorTests(TypedTestCase):
+    def test_every_row_type_and_hot_command(self) -> None:
+        """The row types and the four hot commands get a builder; what it builds
+        is equal to, and indistinguishable from, what the class builds."""
+        classes: list[type[Any]] = [s.ROW_TYPE for s in STREAMS_MAP.values()]
+        classes.remove(EventsStream.ROW_TYPE)
+        classes += [
+            EventsStreamEventRow,
+            EventsStreamCurrentStateRow,
+            EventsStreamAllStateRow,
+            RdataCommand,
+            PositionCommand,
+            UserIpCommand,
+            LockReleasedCommand,
+        ]
+        for cls in classes:
+            new = fast_constructor(cls)
+            self.assertIsNot(new, cls, cls)
+            args = [f"v{i}" for i in range(len(attrs.fields(cls)))]
+            built = new(*args)
+            expected = cls(*args)
+            self.assertIs(type(built), cls)
+            self.assertEqual(built, expected)
+            self.assertEqual(repr(built), repr(expected))
+            self.assertEqual(hash(built), hash(expected))
+            self.assertEqual(attrs.astuple(built), attrs.astuple(expected))
+            self.assertIs(weakref.ref(built)(), built)
+            self.assertRaises(
+                attrs.exceptions.FrozenInstanceError,
+                setattr,
+                built,
+                attrs.fields(cls)[0].name,
+                "x",
+            )
+
+    def test_ineligible_classes_unchanged(self) -> None:
+        """Classes the builder cannot provably handle get themselves back."""
+
+        @attrs.frozen(slots=True)
+        class OwnWeakref:  # the weakref slot after the fields: layout differs
+            a: int
+
+        @attrs.frozen(slots=True)
+        class Validated:
+            a: int = attrs.field(validator=attrs.validators.instance_of(int))
+
+        @attrs.frozen(slots=True)
+        class Defaulted:
+            a: int = 1
+
+        @attrs.frozen(slots=True)
+        class PostInit:
+            a: int
+
+            def __attrs_post_init__(self) -> None:
+                pass
+
+        @attrs.frozen
+        class NoSlots:
+            a: int
+
+        @attrs.frozen(slots=True, cache_hash=True)
+        class CachedHash:
+            a: int
+
+        class NotAttrs:
+            pass
+
+        for cls in (OwnWeakref, Validated, Defaulted, PostInit, NoSlots, CachedHash, NotAttrs):
+            self.assertIs(fast_constructor(cls), cls, cls)
+
+
+# ---- the JSON helpers the fast paths use -----------------------------------------
+
+
+class FastJsonHelpersTests(TypedTestCase):
+    def test_plain_json_is_plain(self) -> None:
+        """plain_json is the check encode_json_bytes relies on."""
+        self.assertIs(_json.plain_json, _json._plain)
+        self.assertTrue(_json.plain_json(["ev", [1, "a", None, True, {"k": []}]]))
+        for value in (1.0, [1.5], {"a": float("nan")}, {1: 2}, [b"x"], [StrSubclass()]):
+            self.assertFalse(_json.plain_json(value), value)
