@@ -4,7 +4,9 @@
 checks of the streams' `parse_row` and `fast_constructor` are speed-ups of code
 that exists (and is tested) in its plain form. Each is checked here against that
 plain form: same values (down to their types and reprs), same errors, same
-messages.
+messages. The optional C module (`synapse_replication._speedups`) is checked
+against its pure-Python twins, and `encode_command` is run both ways; those
+tests are skipped when the module was not built.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_replication import _json
+from synapse_replication import _json, commands
+from synapse_replication._accel import SPEEDUPS
 from synapse_replication._fastattrs import fast_constructor
 from synapse_replication.commands import (
     AnyCommand,
@@ -59,6 +62,7 @@ from tests.test_commands import (
     WORDS,
     mutated_lines,
 )
+from tests.test_json import ANY_VALUES
 from tests.wire_vectors import wire_lines
 
 FUZZ: Final = settings(max_examples=1000, deadline=None)
@@ -384,6 +388,108 @@ class EncodeCommandTests(TypedTestCase):
         """Commands with odd fields encode, or fail, as their to_bytes does."""
         self.assert_same_as_plain(cmd)
 
+    @FUZZ
+    @given(ODD_COMMANDS | VALID_COMMANDS)
+    def test_odd_commands_pure_python(self, cmd: Command) -> None:
+        """The same with the pure-Python RDATA writer and plain check, whether
+        or not the C module is there."""
+        self.patch(commands, "_encode_rdata", commands._encode_rdata_py)
+        self.patch(commands, "plain_json", _json._plain)
+        self.assert_same_as_plain(cmd)
+
+
+RDATA_ARGS: Final = st.tuples(
+    ODD_WORDS, ODD_WORDS, st.none() | ODD_INTS | st.just(10**5000), ODD_ROWS
+)
+
+
+class SpeedupsTests(TypedTestCase):
+    """The C module against its pure-Python twins."""
+
+    def setUp(self) -> None:
+        if SPEEDUPS is None:
+            self.skipTest("synapse_replication._speedups is not built")
+
+    @settings(max_examples=2000, deadline=None)
+    @given(ANY_VALUES | ODD_ROWS)
+    def test_plain_json(self, value: Any) -> None:
+        """plain_json gives what _plain gives."""
+        assert SPEEDUPS is not None
+        self.assertEqual(SPEEDUPS.plain_json(value), _json._plain(value))
+
+    def test_plain_json_depth(self) -> None:
+        """Both refuse containers nested 100 deep, and take 99."""
+        assert SPEEDUPS is not None
+        for depth, expected in ((99, True), (100, True), (101, False), (5000, False)):
+            value: Any = 1
+            for _ in range(depth):
+                value = [value]
+            self.assertEqual(SPEEDUPS.plain_json(value), expected, depth)
+            if depth < 500:
+                self.assertEqual(_json._plain(value), expected, depth)
+        self.assertFalse(SPEEDUPS.plain_json({"a": {1: 2}}))
+        self.assertFalse(SPEEDUPS.plain_json([1, 2.0]))
+
+    @settings(max_examples=2000, deadline=None)
+    @given(RDATA_ARGS)
+    def test_encode_rdata(self, args: tuple[Any, Any, Any, Any]) -> None:
+        """encode_rdata gives what _encode_rdata_py gives."""
+        assert SPEEDUPS is not None
+        self.assertEqual(
+            SPEEDUPS.encode_rdata(*args, _json.fast_encode_json),
+            commands._encode_rdata_py(*args, _json.fast_encode_json),
+            args,
+        )
+
+    def test_encode_rdata_examples(self) -> None:
+        """A few lines, and the cases left to the plain path."""
+        assert SPEEDUPS is not None
+        enc = _json.fast_encode_json
+        args: tuple[Any, Any, Any, Any]
+        for args in (
+            ("events", "w1", 12, ["ev", ["$e", None, True, 0, {"k": "v"}]]),
+            ("events", "w1", None, []),
+            ("évé", "w1", -3, [2**70]),
+            ("events", "w1", 1, ["é"]),
+            ("events", "w1", 1, ["\x7f"]),
+            ("events", "w1", 1, ["\ud800"]),
+            ("events", "w1", 1, [1.5]),
+            ("events", "w 1", 1, []),
+            ("events", "w1\n", 1, []),
+            ("", "w1", 1, []),
+            ("\ud800", "w1", 1, []),
+            ("events", "w1", True, []),
+            ("events", "w1", 10**5000, []),
+        ):
+            stream_name, instance_name, token, row = args
+            self.assertEqual(
+                SPEEDUPS.encode_rdata(*args, enc),
+                commands._encode_rdata_py(stream_name, instance_name, token, row, enc),
+                args,
+            )
+
+        def boom(value: Any) -> bytes:
+            raise RuntimeError("boom")
+
+        self.assertIsNone(SPEEDUPS.encode_rdata("s", "i", 1, [], boom))
+        self.assertIsNone(SPEEDUPS.encode_rdata("s", "i", 1, [], lambda v: "not bytes"))
+        self.assertRaises(TypeError, SPEEDUPS.encode_rdata, "s", "i", 1, [])
+
+    def test_builder_refuses_what_is_not_a_slot(self) -> None:
+        """Builder wants the class's own plain slots, and the right arguments."""
+        assert SPEEDUPS is not None
+        builder = SPEEDUPS.Builder
+        self.assertRaises(AttributeError, builder, PositionCommand, ("nope",))
+        self.assertRaises(TypeError, builder, PositionCommand, ("NAME",))
+        self.assertRaises(TypeError, builder, PositionCommand, ("__weakref__",))
+        self.assertRaises(TypeError, builder, int, ())
+        self.assertRaises(TypeError, builder, PositionCommand, ["stream_name"])
+        new = builder(PositionCommand, ("stream_name", "instance_name", "prev_token", "new_token"))
+        self.assertEqual(new("s", "i", 1, 2), PositionCommand("s", "i", 1, 2))
+        self.assertRaises(TypeError, new, "s", "i", 1)
+        self.assertRaises(TypeError, new, "s", "i", 1, 2, 3)
+        self.assertRaises(TypeError, new, "s", "i", 1, new_token=2)
+
 
 # ---- parse_row ------------------------------------------------------------------
 
@@ -556,8 +662,8 @@ class FastConstructorTests(TypedTestCase):
             UserIpCommand,
             LockReleasedCommand,
         ]
-        for cls in classes:
-            new = fast_constructor(cls)
+        for cls, speedups in [(c, s) for c in classes for s in {None, SPEEDUPS}]:
+            new = fast_constructor(cls, speedups=speedups)
             self.assertIsNot(new, cls, cls)
             args = [f"v{i}" for i in range(len(attrs.fields(cls)))]
             built = new(*args)
@@ -611,6 +717,7 @@ class FastConstructorTests(TypedTestCase):
 
         for cls in (OwnWeakref, Validated, Defaulted, PostInit, NoSlots, CachedHash, NotAttrs):
             self.assertIs(fast_constructor(cls), cls, cls)
+            self.assertIs(fast_constructor(cls, speedups=None), cls, cls)
 
 
 # ---- the JSON helpers the fast paths use -----------------------------------------
@@ -618,8 +725,11 @@ class FastConstructorTests(TypedTestCase):
 
 class FastJsonHelpersTests(TypedTestCase):
     def test_plain_json_is_plain(self) -> None:
-        """plain_json is the check encode_json_bytes relies on."""
-        self.assertIs(_json.plain_json, _json._plain)
+        """plain_json is the check encode_json_bytes relies on: the C one if
+        it was built, else _plain."""
+        self.assertIs(
+            _json.plain_json, _json._plain if SPEEDUPS is None else SPEEDUPS.plain_json
+        )
         self.assertTrue(_json.plain_json(["ev", [1, "a", None, True, {"k": []}]]))
         for value in (1.0, [1.5], {"a": float("nan")}, {1: 2}, [b"x"], [StrSubclass()]):
             self.assertFalse(_json.plain_json(value), value)

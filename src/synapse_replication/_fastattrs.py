@@ -13,6 +13,11 @@ attributes and then turns the object into a `cls` instance by assigning
 The object it returns is a `cls` instance like any other, frozen, with attrs'
 `__eq__`, `__hash__` and `__repr__`; only the way it was filled differs.
 
+With the optional C module (`synapse_replication._speedups`), the builder is
+its ``Builder`` instead, which allocates the instance and stores each argument
+in the slot of its field, with no Python frame at all; it is used only for the
+classes the pure-Python builder accepts, so both give the same objects.
+
 The builder is used only where the arguments are already validated (the parsers
 check every field first), and only for classes it can provably handle: attrs
 classes with slots, single inheritance, no validators, converters, defaults,
@@ -24,9 +29,12 @@ class assignment, `fast_constructor` returns `cls` itself.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, ParamSpec, TypeVar, cast
 
 import attrs
+
+from synapse_replication._accel import SPEEDUPS
 
 __all__ = ["fast_constructor"]
 
@@ -63,10 +71,16 @@ def _eligible(cls: type[Any]) -> bool:
     return own == names
 
 
-def fast_constructor(cls: Callable[P, T]) -> Callable[P, T]:
+def fast_constructor(
+    cls: Callable[P, T], *, speedups: ModuleType | None = SPEEDUPS
+) -> Callable[P, T]:
     """A callable that builds `cls` instances exactly as ``cls(*args)`` does,
     but faster; `cls` itself if that cannot be done safely (see the module
-    docstring). Positional arguments only, in field order."""
+    docstring). Positional arguments only, in field order.
+
+    With the C `speedups`, the builder is its ``Builder``, which allocates the
+    instance and fills its slots directly: the same object again, for less.
+    """
     if not isinstance(cls, type) or not _eligible(cls):
         return cls
     names = [field.name for field in attrs.fields(cls)]
@@ -99,4 +113,6 @@ def fast_constructor(cls: Callable[P, T]) -> Callable[P, T]:
         probe.__class__ = cls
     except TypeError:  # layouts differ after all: use the real constructor
         return cls
+    if speedups is not None:
+        return cast(Callable[P, T], speedups.Builder(cls, tuple(names)))
     return cast(Callable[P, T], builder)

@@ -20,9 +20,12 @@ and `msgspec` is only a fast path, taken when it provably gives the same result:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
+
+from synapse_replication._accel import SPEEDUPS
 
 # A JSON value as decoded: what a row or a command argument can be.
 JsonValue = Any
@@ -52,18 +55,25 @@ _FastEncodeErrors: Final = (msgspec.EncodeError, UnicodeEncodeError, OverflowErr
 _NoneType: Final = type(None)
 
 
-def _plain(value: Any) -> bool:
+# Values nested deeper than this are left to the standard encoder.
+_MAX_DEPTH: Final = 100
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
     """True if `value` holds only types that msgspec encodes as the standard
-    library does: no float (formatting and NaN differ), no exotic types."""
+    library does: no float (formatting and NaN differ), no exotic types; and no
+    list, tuple or dict nested `_MAX_DEPTH` deep."""
     t = type(value)
     if t is str or t is int or t is _NoneType or t is bool:
         return True
+    if depth >= _MAX_DEPTH:
+        return False
     if t is list or t is tuple:
         for item in value:
             it = type(item)
             if it is str or it is int or it is _NoneType or it is bool:
                 continue
-            if not _plain(item):
+            if not _plain(item, depth + 1):
                 return False
         return True
     if t is dict:
@@ -73,17 +83,20 @@ def _plain(value: Any) -> bool:
             it = type(item)
             if it is str or it is int or it is _NoneType or it is bool:
                 continue
-            if not _plain(item):
+            if not _plain(item, depth + 1):
                 return False
         return True
     return False
+
 
 
 # For hot paths that cannot afford the call to `encode_json_bytes`: when
 # `plain_json(value)` holds, `fast_encode_json(value)` either raises one of
 # `FAST_ENCODE_ERRORS` or gives bytes which, if they are ASCII without DEL,
 # are what `encode_json_bytes` returns; in every other case it must decide.
-plain_json: Final = _plain
+plain_json: Final[Callable[[Any], bool]] = (
+    _plain if SPEEDUPS is None else SPEEDUPS.plain_json
+)
 fast_encode_json: Final = _fast_encode
 FAST_ENCODE_ERRORS: Final = _FastEncodeErrors
 
@@ -94,7 +107,7 @@ def encode_json_bytes(value: JsonValue) -> bytes:
     Raises ValueError for NaN or Infinity and TypeError for values JSON cannot
     hold, as the standard encoder does.
     """
-    if _plain(value):
+    if plain_json(value):
         try:
             out = _fast_encode(value)
         except _FastEncodeErrors:

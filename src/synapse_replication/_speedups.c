@@ -1,0 +1,311 @@
+/* Optional C speed-ups of the wire codec (see synapse_replication._json).
+ *
+ * Everything here has a pure-Python twin that gives identical results
+ * (synapse_replication._json._plain, commands._encode_rdata_py and the
+ * builders of _fastattrs.fast_constructor); the package works the same
+ * without this module, only slower. Nothing here calls back into Python code
+ * except `encode` in encode_rdata, so no object can change under our feet.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+/* Deeper values are left to the pure-Python and standard-library paths. */
+#define MAX_DEPTH 100
+
+static int
+plain(PyObject *v, int depth)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    Py_ssize_t i, n;
+
+    if (t == &PyUnicode_Type || t == &PyLong_Type || v == Py_None || t == &PyBool_Type)
+        return 1;
+    if (depth >= MAX_DEPTH)
+        return 0;
+    if (t == &PyList_Type) {
+        n = PyList_GET_SIZE(v);
+        for (i = 0; i < n; i++) {
+            if (!plain(PyList_GET_ITEM(v, i), depth + 1))
+                return 0;
+        }
+        return 1;
+    }
+    if (t == &PyTuple_Type) {
+        n = PyTuple_GET_SIZE(v);
+        for (i = 0; i < n; i++) {
+            if (!plain(PyTuple_GET_ITEM(v, i), depth + 1))
+                return 0;
+        }
+        return 1;
+    }
+    if (t == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *item;
+        while (PyDict_Next(v, &pos, &key, &item)) {
+            if (Py_TYPE(key) != &PyUnicode_Type || !plain(item, depth + 1))
+                return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *
+plain_json(PyObject *module, PyObject *value)
+{
+    return PyBool_FromLong(plain(value, 0));
+}
+
+/* The UTF-8 of `name` if it is a non-empty exact str with neither a space nor
+ * a newline (and no lone surrogate); NULL, with no exception set, otherwise. */
+static const char *
+word(PyObject *name, Py_ssize_t *size)
+{
+    const char *s;
+    if (Py_TYPE(name) != &PyUnicode_Type)
+        return NULL;
+    s = PyUnicode_AsUTF8AndSize(name, size);
+    if (s == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (*size == 0 || memchr(s, ' ', *size) != NULL || memchr(s, '\n', *size) != NULL)
+        return NULL;
+    return s;
+}
+
+static PyObject *
+encode_rdata(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *stream, *instance, *token, *row, *encode;
+    PyObject *token_text = NULL, *json = NULL, *out = NULL;
+    const char *s, *i, *t, *j;
+    Py_ssize_t s_len, i_len, t_len, j_len, k;
+    char *p;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "encode_rdata takes 5 arguments");
+        return NULL;
+    }
+    stream = args[0];
+    instance = args[1];
+    token = args[2];
+    row = args[3];
+    encode = args[4];
+
+    if ((s = word(stream, &s_len)) == NULL || (i = word(instance, &i_len)) == NULL)
+        Py_RETURN_NONE;
+    if (token == Py_None) {
+        t = "batch";
+        t_len = 5;
+    }
+    else if (Py_TYPE(token) == &PyLong_Type) {
+        token_text = PyObject_Str(token);
+        if (token_text == NULL)
+            goto fallback;
+        t = PyUnicode_AsUTF8AndSize(token_text, &t_len);
+        if (t == NULL)
+            goto fallback;
+    }
+    else
+        Py_RETURN_NONE;
+    if (!plain(row, 0))
+        goto fallback;
+
+    json = PyObject_CallOneArg(encode, row);
+    if (json == NULL || !PyBytes_CheckExact(json))
+        goto fallback;
+    j = PyBytes_AS_STRING(json);
+    j_len = PyBytes_GET_SIZE(json);
+    /* ASCII without DEL, as the standard library writes it. */
+    for (k = 0; k < j_len; k++) {
+        if ((unsigned char)j[k] >= 0x7f)
+            goto fallback;
+    }
+
+    out = PyBytes_FromStringAndSize(NULL, 6 + s_len + 1 + i_len + 1 + t_len + 1 + j_len);
+    if (out == NULL)
+        goto error;
+    p = PyBytes_AS_STRING(out);
+    memcpy(p, "RDATA ", 6);
+    p += 6;
+    memcpy(p, s, s_len);
+    p += s_len;
+    *p++ = ' ';
+    memcpy(p, i, i_len);
+    p += i_len;
+    *p++ = ' ';
+    memcpy(p, t, t_len);
+    p += t_len;
+    *p++ = ' ';
+    memcpy(p, j, j_len);
+    Py_XDECREF(token_text);
+    Py_DECREF(json);
+    return out;
+
+fallback:
+    /* Whatever went wrong, the pure-Python path decides (and raises). */
+    PyErr_Clear();
+    Py_XDECREF(token_text);
+    Py_XDECREF(json);
+    Py_RETURN_NONE;
+
+error:
+    Py_XDECREF(token_text);
+    Py_XDECREF(json);
+    return NULL;
+}
+
+/* Builder(cls, names): a callable that builds a `cls` instance from one
+ * positional argument per name, stored in the slot of that name, as the
+ * pure-Python builder of synapse_replication._fastattrs does (which checks
+ * that `cls` is a class for which that is the same as calling it). */
+
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *cls;
+    Py_ssize_t n;
+    Py_ssize_t *offsets;
+    vectorcallfunc vectorcall;
+} BuilderObject;
+
+static PyObject *
+builder_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    BuilderObject *b = (BuilderObject *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), k;
+    PyObject *obj;
+
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) || nargs != b->n) {
+        PyErr_Format(PyExc_TypeError, "%s builder takes exactly %zd positional arguments",
+                     b->cls->tp_name, b->n);
+        return NULL;
+    }
+    obj = b->cls->tp_alloc(b->cls, 0);
+    if (obj == NULL)
+        return NULL;
+    for (k = 0; k < nargs; k++) {
+        Py_INCREF(args[k]);
+        *(PyObject **)((char *)obj + b->offsets[k]) = args[k];
+    }
+    return obj;
+}
+
+static PyObject *
+builder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *cls, *names, *descr;
+    PyMemberDef *member;
+    BuilderObject *b;
+    Py_ssize_t k, n;
+
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Builder takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!:Builder", &PyType_Type, &cls, &PyTuple_Type, &names))
+        return NULL;
+    if (!(((PyTypeObject *)cls)->tp_flags & Py_TPFLAGS_HEAPTYPE)
+        || ((PyTypeObject *)cls)->tp_itemsize != 0) {
+        PyErr_SetString(PyExc_TypeError, "Builder needs a heap type without items");
+        return NULL;
+    }
+    n = PyTuple_GET_SIZE(names);
+    b = (BuilderObject *)type->tp_alloc(type, 0);
+    if (b == NULL)
+        return NULL;
+    b->offsets = PyMem_New(Py_ssize_t, n > 0 ? n : 1);
+    if (b->offsets == NULL) {
+        Py_DECREF(b);
+        return PyErr_NoMemory();
+    }
+    for (k = 0; k < n; k++) {
+        descr = PyObject_GetAttr(cls, PyTuple_GET_ITEM(names, k));
+        if (descr == NULL) {
+            Py_DECREF(b);
+            return NULL;
+        }
+        if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type)
+            || ((PyDescrObject *)descr)->d_type != (PyTypeObject *)cls) {
+            Py_DECREF(descr);
+            Py_DECREF(b);
+            PyErr_SetString(PyExc_TypeError, "Builder: not a slot of the class itself");
+            return NULL;
+        }
+        member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)
+            || member->offset < (Py_ssize_t)sizeof(PyObject)
+            || member->offset + (Py_ssize_t)sizeof(PyObject *)
+                   > ((PyTypeObject *)cls)->tp_basicsize) {
+            Py_DECREF(descr);
+            Py_DECREF(b);
+            PyErr_SetString(PyExc_TypeError, "Builder: not a plain object slot");
+            return NULL;
+        }
+        b->offsets[k] = member->offset;
+        Py_DECREF(descr);
+    }
+    Py_INCREF(cls);
+    b->cls = (PyTypeObject *)cls;
+    b->n = n;
+    b->vectorcall = builder_vectorcall;
+    return (PyObject *)b;
+}
+
+static void
+builder_dealloc(BuilderObject *b)
+{
+    Py_XDECREF(b->cls);
+    PyMem_Free(b->offsets);
+    Py_TYPE(b)->tp_free((PyObject *)b);
+}
+
+static PyTypeObject BuilderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "synapse_replication._speedups.Builder",
+    .tp_basicsize = sizeof(BuilderObject),
+    .tp_dealloc = (destructor)builder_dealloc,
+    .tp_vectorcall_offset = offsetof(BuilderObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Builder(cls, names): builds cls instances from slot values.",
+    .tp_new = builder_new,
+};
+
+static PyMethodDef methods[] = {
+    {"plain_json", (PyCFunction)plain_json, METH_O,
+     "True if the value holds only str, int, bool, None, lists, tuples and "
+     "str-keyed dicts, nested at most 100 deep."},
+    {"encode_rdata", (PyCFunction)(void (*)(void))encode_rdata, METH_FASTCALL,
+     "encode_rdata(stream_name, instance_name, token, row, encode): the RDATA "
+     "line as bytes, or None if the plain path must decide."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "synapse_replication._speedups",
+    "Optional C speed-ups of the wire codec.",
+    -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&BuilderType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&BuilderType);
+    if (PyModule_AddObject(m, "Builder", (PyObject *)&BuilderType) < 0) {
+        Py_DECREF(&BuilderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
