@@ -101,20 +101,32 @@ BAD_UTF8: Final = (
 )
 
 
+def parse_pure_python(line: bytes) -> AnyCommand:
+    """parse_command_from_bytes without the C RDATA parser."""
+    saved = commands._c_parse_rdata
+    commands._c_parse_rdata = None
+    try:
+        return parse_command_from_bytes(line)
+    finally:
+        commands._c_parse_rdata = saved
+
+
 class ParseFromBytesTests(TypedTestCase):
     def assert_same_as_plain(self, line: bytes) -> None:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            with self.assertRaises(CommandParseError) as caught:
-                parse_command_from_bytes(line)
-            self.assertIsInstance(caught.exception.__cause__, UnicodeDecodeError)
-            return
-        self.assertEqual(
-            outcome(lambda: parse_command_from_bytes(line)),
-            outcome(lambda: parse_command_from_line(text)),
-            line,
-        )
+        """The same outcome as from text, with and without the C module."""
+        for parse in (parse_command_from_bytes, parse_pure_python):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                with self.assertRaises(CommandParseError) as caught:
+                    parse(line)
+                self.assertIsInstance(caught.exception.__cause__, UnicodeDecodeError)
+                continue
+            self.assertEqual(
+                outcome(lambda: parse(line)),  # noqa: B023 (called at once)
+                outcome(lambda: parse_command_from_line(text)),  # noqa: B023 (called at once)
+                line,
+            )
 
     def test_wire_vectors(self) -> None:
         """Every wire vector line parses as from text."""
@@ -184,6 +196,24 @@ class ParseFromBytesTests(TypedTestCase):
             b"RDATA events w1 1_0 []",
             b"RDATA events w1 " + b"9" * 5000 + b" []",
             b"RDATA events w1 " + b"9" * 999 + b" []",
+            b"RDATA events w1 " + b"9" * 1000 + b" []",
+            b"RDATA events w1 999999999999999999 []",
+            b"RDATA events w1 1000000000000000000 []",
+            b"RDATA events w1 9223372036854775807 []",
+            b"RDATA events w1 9223372036854775808 []",
+            b"RDATA events w1 18446744073709551616 []",
+            b"RDATA events w1 0 []",
+            b"RDATA events w1 000 []",
+            b"RDATA events w1 batchx []",
+            b"RDATA events w1 batc []",
+            b"RDATA events w1 BATCH []",
+            b"RDATA events w1 1 ",
+            b"RDATA events w1 1",
+            b"RDATA events w1 1 [1, 2] ",
+            b"RDATA events w1 1 \t[]",
+            b"RDATA events w1 1 []\r",
+            b"RDATAX events w1 1 []",
+            b"XRDATA events w1 1 []",
             b"RDATA events w1 \xd9\xa1 []",
             b"RDATA events w1 batch",
             b"RDATA events w1 batch ",
@@ -474,6 +504,25 @@ class SpeedupsTests(TypedTestCase):
         self.assertIsNone(SPEEDUPS.encode_rdata("s", "i", 1, [], boom))
         self.assertIsNone(SPEEDUPS.encode_rdata("s", "i", 1, [], lambda v: "not bytes"))
         self.assertRaises(TypeError, SPEEDUPS.encode_rdata, "s", "i", 1, [])
+
+    def test_parse_rdata_hands_over(self) -> None:
+        """parse_rdata leaves to the Python path whatever it does not take,
+        and lets nothing escape from `decode` or `new`."""
+        assert SPEEDUPS is not None
+        parse = SPEEDUPS.parse_rdata
+        decode = _json.fast_decode_json
+
+        def boom(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        line = b"RDATA s i 1 [1]"
+        self.assertEqual(parse(line, decode, RdataCommand), RdataCommand("s", "i", 1, [1]))
+        self.assertIsNone(parse(line, boom, RdataCommand))
+        self.assertIsNone(parse(line, decode, boom))
+        self.assertIsNone(parse("RDATA s i 1 [1]", decode, RdataCommand))
+        self.assertIsNone(parse(bytearray(line), decode, RdataCommand))
+        self.assertIsNone(parse(b"POSITION s i 1 2", decode, RdataCommand))
+        self.assertRaises(TypeError, parse, line, decode)
 
     def test_builder_refuses_what_is_not_a_slot(self) -> None:
         """Builder wants the class's own plain slots, and the right arguments."""

@@ -1,7 +1,8 @@
 /* Optional C speed-ups of the wire codec (see synapse_replication._json).
  *
  * Everything here has a pure-Python twin that gives identical results
- * (synapse_replication._json._plain, commands._encode_rdata_py and the
+ * (synapse_replication._json._plain, commands._encode_rdata_py, the RDATA
+ * case of commands.parse_command_from_bytes and the
  * builders of _fastattrs.fast_constructor); the package works the same
  * without this module, only slower. Nothing here calls back into Python code
  * except `encode` in encode_rdata, so no object can change under our feet.
@@ -158,6 +159,113 @@ error:
     return NULL;
 }
 
+/* parse_rdata(line, decode, new): the RDATA command on `line` (bytes), as
+ * new(stream_name, instance_name, token, decode(row_json)), if the line is
+ * certainly well formed; None to leave it, and every error, to the pure-Python
+ * path (the RDATA case of commands.parse_command_from_bytes, which takes and
+ * refuses exactly the same lines). */
+
+#define MAX_DIGITS 1000
+
+static PyObject *
+parse_rdata(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *line, *decode, *new;
+    PyObject *stream = NULL, *instance = NULL, *token = NULL, *json = NULL, *row = NULL;
+    PyObject *result = NULL;
+    const char *p, *end, *f[4];
+    Py_ssize_t len[4], k, n;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "parse_rdata takes 3 arguments");
+        return NULL;
+    }
+    line = args[0];
+    decode = args[1];
+    new = args[2];
+    if (!PyBytes_CheckExact(line))
+        Py_RETURN_NONE;
+    p = PyBytes_AS_STRING(line);
+    n = PyBytes_GET_SIZE(line);
+    if (n < 6 || memcmp(p, "RDATA ", 6) != 0)
+        Py_RETURN_NONE;
+    end = p + n;
+    p += 6;
+    /* stream, instance, token: up to the next space; then the JSON. */
+    for (k = 0; k < 3; k++) {
+        const char *space = memchr(p, ' ', end - p);
+        if (space == NULL)
+            Py_RETURN_NONE;
+        f[k] = p;
+        len[k] = space - p;
+        p = space + 1;
+    }
+    f[3] = p;
+    len[3] = end - p;
+    if (len[0] == 0 || len[1] == 0)
+        Py_RETURN_NONE;
+
+    if (len[2] == 5 && memcmp(f[2], "batch", 5) == 0) {
+        token = Py_None;
+        Py_INCREF(token);
+    }
+    else {
+        if (len[2] == 0 || len[2] >= MAX_DIGITS)
+            Py_RETURN_NONE;
+        for (k = 0; k < len[2]; k++) {
+            if (f[2][k] < '0' || f[2][k] > '9')
+                Py_RETURN_NONE;
+        }
+        if (len[2] <= 18) {
+            long long value = 0;
+            for (k = 0; k < len[2]; k++)
+                value = value * 10 + (f[2][k] - '0');
+            token = PyLong_FromLongLong(value);
+        }
+        else {
+            char digits[MAX_DIGITS];
+            memcpy(digits, f[2], len[2]);
+            digits[len[2]] = '\0';
+            token = PyLong_FromString(digits, NULL, 10);
+        }
+        if (token == NULL)
+            goto fallback;
+    }
+    stream = PyUnicode_DecodeUTF8(f[0], len[0], "strict");
+    if (stream == NULL)
+        goto fallback;
+    instance = PyUnicode_DecodeUTF8(f[1], len[1], "strict");
+    if (instance == NULL)
+        goto fallback;
+    json = PyBytes_FromStringAndSize(f[3], len[3]);
+    if (json == NULL)
+        goto fallback;
+    row = PyObject_CallOneArg(decode, json);
+    if (row == NULL)
+        goto fallback;
+    {
+        PyObject *call_args[4] = {stream, instance, token, row};
+        result = PyObject_Vectorcall(new, call_args, 4, NULL);
+    }
+    if (result == NULL)
+        goto fallback;
+    Py_DECREF(stream);
+    Py_DECREF(instance);
+    Py_DECREF(token);
+    Py_DECREF(json);
+    Py_DECREF(row);
+    return result;
+
+fallback:
+    PyErr_Clear();
+    Py_XDECREF(stream);
+    Py_XDECREF(instance);
+    Py_XDECREF(token);
+    Py_XDECREF(json);
+    Py_XDECREF(row);
+    Py_RETURN_NONE;
+}
+
 /* Builder(cls, names): a callable that builds a `cls` instance from one
  * positional argument per name, stored in the slot of that name, as the
  * pure-Python builder of synapse_replication._fastattrs does (which checks
@@ -278,6 +386,9 @@ static PyMethodDef methods[] = {
     {"plain_json", (PyCFunction)plain_json, METH_O,
      "True if the value holds only str, int, bool, None, lists, tuples and "
      "str-keyed dicts, nested at most 100 deep."},
+    {"parse_rdata", (PyCFunction)(void (*)(void))parse_rdata, METH_FASTCALL,
+     "parse_rdata(line, decode, new): the RDATA command on the line, or None "
+     "if the pure-Python path must decide."},
     {"encode_rdata", (PyCFunction)(void (*)(void))encode_rdata, METH_FASTCALL,
      "encode_rdata(stream_name, instance_name, token, row, encode): the RDATA "
      "line as bytes, or None if the plain path must decide."},

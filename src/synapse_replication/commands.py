@@ -656,6 +656,11 @@ def parse_command_from_line(line: str) -> AnyCommand:
         raise CommandParseError(name, line, e.reason) from None
 
 
+_c_parse_rdata: Callable[..., RdataCommand | None] | None = (
+    None if SPEEDUPS is None else SPEEDUPS.parse_rdata
+)
+
+
 def parse_command_from_bytes(line: bytes) -> AnyCommand:
     """The command on `line`, a line as it comes off the wire: UTF-8 bytes,
     without the newline.
@@ -671,6 +676,11 @@ def parse_command_from_bytes(line: bytes) -> AnyCommand:
     # anything unusual (not UTF-8, signs or huge numbers, JSON that msgspec
     # does not take, wrong types) goes the long way at the end, which decides
     # and words the error.
+    if _c_parse_rdata is not None:
+        # The C twin of the RDATA case below.
+        cmd = _c_parse_rdata(line, fast_decode_json, _new_rdata)
+        if cmd is not None:
+            return cmd
     parts = line.split(b" ", 4)
     name = parts[0]
     if name == b"RDATA":
