@@ -421,10 +421,10 @@ class EncodeCommandTests(TypedTestCase):
     @FUZZ
     @given(ODD_COMMANDS | VALID_COMMANDS)
     def test_odd_commands_pure_python(self, cmd: Command) -> None:
-        """The same with the pure-Python RDATA writer and plain check, whether
-        or not the C module is there."""
+        """The same with the pure-Python RDATA and JSON writers, whether or not
+        the C module is there."""
         self.patch(commands, "_encode_rdata", commands._encode_rdata_py)
-        self.patch(commands, "plain_json", _json._plain)
+        self.patch(commands, "ascii_json", _json._ascii_json_py)
         self.assert_same_as_plain(cmd)
 
 
@@ -446,6 +446,30 @@ class SpeedupsTests(TypedTestCase):
         """plain_json gives what _plain gives."""
         assert SPEEDUPS is not None
         self.assertEqual(SPEEDUPS.plain_json(value), _json._plain(value))
+
+    @settings(max_examples=2000, deadline=None)
+    @given(ANY_VALUES | ODD_ROWS)
+    def test_ascii_json(self, value: Any) -> None:
+        """ascii_json gives what _ascii_json_py gives, and when it gives
+        bytes they are the standard library's."""
+        assert SPEEDUPS is not None
+        out = SPEEDUPS.ascii_json(value, _json.fast_encode_json)
+        self.assertEqual(out, _json._ascii_json_py(value, _json.fast_encode_json))
+        if out is not None:
+            self.assertEqual(out, _json._std_encoder.encode(value).encode("ascii"))
+
+    def test_ascii_json_escapes(self) -> None:
+        """Every kind of character that needs an escape, both ways."""
+        assert SPEEDUPS is not None
+        text = "a\x7f\x80\xe9\u07ff\u0800\u2028\ufeff\uffff\U00010000\U0001f389\U0010ffff\x00\n\"\\/"
+        for value in ([text], {text: text}, text * 3, ["\x7f" * 5, "\U0010ffff"]):
+            expected = _json._std_encoder.encode(value).encode("ascii")
+            self.assertEqual(SPEEDUPS.ascii_json(value, _json.fast_encode_json), expected)
+            self.assertEqual(_json._ascii_json_py(value, _json.fast_encode_json), expected)
+        self.assertIsNone(SPEEDUPS.ascii_json(["\ud800"], _json.fast_encode_json))
+        self.assertIsNone(_json._ascii_json_py(["\ud800"], _json.fast_encode_json))
+        self.assertIsNone(SPEEDUPS.ascii_json([1.5], _json.fast_encode_json))
+        self.assertIsNone(SPEEDUPS.ascii_json([], lambda v: "not bytes"))
 
     def test_plain_json_depth(self) -> None:
         """Both refuse containers nested 100 deep, and take 99."""

@@ -19,6 +19,7 @@ and `msgspec` is only a fast path, taken when it provably gives the same result:
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from typing import Any, Final
@@ -90,12 +91,57 @@ def _plain(value: Any, depth: int = 0) -> bool:
 
 
 
-# For hot paths that cannot afford the call to `encode_json_bytes`: when
-# `plain_json(value)` holds, `fast_encode_json(value)` either raises one of
-# `FAST_ENCODE_ERRORS` or gives bytes which, if they are ASCII without DEL,
-# are what `encode_json_bytes` returns; in every other case it must decide.
+def _escape_errors(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: the characters ASCII cannot hold as the standard
+    encoder writes them in JSON strings, ``\\uXXXX`` (surrogate pairs beyond
+    the BMP)."""
+    assert isinstance(error, UnicodeEncodeError)
+    escaped = []
+    for char in error.object[error.start : error.end]:
+        code = ord(char)
+        if code > 0xFFFF:
+            code -= 0x10000
+            escaped.append(f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}")
+        else:
+            escaped.append(f"\\u{code:04x}")
+    return "".join(escaped), error.end
+
+
+_ESCAPE: Final = "synapse_replication.json_escape"
+codecs.register_error(_ESCAPE, _escape_errors)
+
+
+def _ascii_json_py(value: JsonValue, encode: Callable[[JsonValue], bytes]) -> bytes | None:
+    """What `encode_json_bytes` returns for `value`, from msgspec's output
+    (`encode`), if `value` is plain; None to leave it to the standard encoder.
+
+    For plain values msgspec writes what the standard encoder writes, except
+    that it leaves non-ASCII characters and DEL as they are, in strings (JSON
+    has nothing else outside them): those are escaped here. The C twin
+    `_speedups.ascii_json` gives the same results.
+    """
+    if not _plain(value):
+        return None
+    try:
+        out = encode(value)
+    except _FastEncodeErrors:
+        # Lone surrogates have no UTF-8 form: the standard encoder escapes them.
+        return None
+    if not out.isascii():
+        out = out.decode("utf-8").encode("ascii", _ESCAPE)
+    if b"\x7f" in out:
+        out = out.replace(b"\x7f", b"\\u007f")
+    return out
+
+
+# For hot paths that cannot afford the call to `encode_json_bytes`:
+# `ascii_json(value, fast_encode_json)` is what it returns, or None when the
+# standard encoder must decide; `plain_json` is the check it starts with.
 plain_json: Final[Callable[[Any], bool]] = (
     _plain if SPEEDUPS is None else SPEEDUPS.plain_json
+)
+ascii_json: Final[Callable[[JsonValue, Callable[[JsonValue], bytes]], bytes | None]] = (
+    _ascii_json_py if SPEEDUPS is None else SPEEDUPS.ascii_json
 )
 fast_encode_json: Final = _fast_encode
 FAST_ENCODE_ERRORS: Final = _FastEncodeErrors
@@ -107,18 +153,9 @@ def encode_json_bytes(value: JsonValue) -> bytes:
     Raises ValueError for NaN or Infinity and TypeError for values JSON cannot
     hold, as the standard encoder does.
     """
-    if plain_json(value):
-        try:
-            out = _fast_encode(value)
-        except _FastEncodeErrors:
-            # Lone surrogates have no UTF-8 form: the standard encoder
-            # escapes them.
-            pass
-        else:
-            # Non-ASCII must become \uXXXX escapes and DEL is escaped by the
-            # standard encoder but not by msgspec; both are rare on the wire.
-            if out.isascii() and b"\x7f" not in out:
-                return out
+    out = ascii_json(value, _fast_encode)
+    if out is not None:
+        return out
     return _std_encoder.encode(value).encode("ascii")
 
 

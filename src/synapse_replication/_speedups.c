@@ -1,7 +1,8 @@
 /* Optional C speed-ups of the wire codec (see synapse_replication._json).
  *
  * Everything here has a pure-Python twin that gives identical results
- * (synapse_replication._json._plain, commands._encode_rdata_py, the RDATA
+ * (synapse_replication._json._plain and _ascii_json_py,
+ * commands._encode_rdata_py, the RDATA
  * case of commands.parse_command_from_bytes and the
  * builders of _fastattrs.fast_constructor); the package works the same
  * without this module, only slower. Nothing here calls back into Python code
@@ -59,6 +60,132 @@ plain_json(PyObject *module, PyObject *value)
     return PyBool_FromLong(plain(value, 0));
 }
 
+static const char HEX[] = "0123456789abcdef";
+
+static char *
+put_u(char *q, unsigned int c)
+{
+    q[0] = '\\';
+    q[1] = 'u';
+    q[2] = HEX[(c >> 12) & 0xf];
+    q[3] = HEX[(c >> 8) & 0xf];
+    q[4] = HEX[(c >> 4) & 0xf];
+    q[5] = HEX[c & 0xf];
+    return q + 6;
+}
+
+/* `json` (msgspec's UTF-8 output) with every non-ASCII character and DEL
+ * written as a \uXXXX escape (a surrogate pair beyond the BMP), as the
+ * standard library's ensure_ascii does: a new reference, or `json` itself
+ * (a new reference too) if there is nothing to escape. Outside strings, JSON
+ * has only ASCII, so only string contents change. */
+static PyObject *
+escape_non_ascii(PyObject *json)
+{
+    const unsigned char *j = (const unsigned char *)PyBytes_AS_STRING(json);
+    Py_ssize_t n = PyBytes_GET_SIZE(json), k, size = 0;
+    PyObject *out;
+    char *q;
+
+    for (k = 0; k < n; k++) {
+        unsigned char b = j[k];
+        if (b < 0x7f)
+            size += 1;
+        else if (b == 0x7f)
+            size += 6;
+        else if (b >= 0xf0)
+            size += 12; /* a lead byte of four: a surrogate pair */
+        else if (b >= 0xc0)
+            size += 6;  /* a lead byte of two or three: one \uXXXX */
+        /* continuation bytes: written with their lead byte */
+    }
+    if (size == n) {
+        Py_INCREF(json);
+        return json;
+    }
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    q = PyBytes_AS_STRING(out);
+    for (k = 0; k < n;) {
+        unsigned char b = j[k];
+        unsigned int c;
+        if (b < 0x7f) {
+            *q++ = (char)b;
+            k += 1;
+            continue;
+        }
+        if (b == 0x7f) {
+            c = 0x7f;
+            k += 1;
+        }
+        else if (b >= 0xf0 && k + 3 < n) {
+            c = ((b & 0x07u) << 18) | ((j[k + 1] & 0x3fu) << 12) | ((j[k + 2] & 0x3fu) << 6)
+                | (j[k + 3] & 0x3fu);
+            k += 4;
+            c -= 0x10000;
+            q = put_u(q, 0xd800 | (c >> 10));
+            q = put_u(q, 0xdc00 | (c & 0x3ff));
+            continue;
+        }
+        else if (b >= 0xe0 && k + 2 < n) {
+            c = ((b & 0x0fu) << 12) | ((j[k + 1] & 0x3fu) << 6) | (j[k + 2] & 0x3fu);
+            k += 3;
+        }
+        else if (b >= 0xc0 && k + 1 < n) {
+            c = ((b & 0x1fu) << 6) | (j[k + 1] & 0x3fu);
+            k += 2;
+        }
+        else {
+            /* Not UTF-8 as msgspec writes it: cannot happen; refuse. */
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_ValueError, "unexpected byte in encoder output");
+            return NULL;
+        }
+        q = put_u(q, c);
+    }
+    if (q != PyBytes_AS_STRING(out) + size) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, "unexpected encoder output");
+        return NULL;
+    }
+    return out;
+}
+
+/* ascii_json(value, encode): what encode_json_bytes returns for `value`, if
+ * `value` is plain (see plain()) and encode(value) (msgspec) takes it; None,
+ * with no exception, otherwise. */
+static PyObject *
+ascii_json_impl(PyObject *value, PyObject *encode)
+{
+    PyObject *json, *out;
+    if (!plain(value, 0))
+        Py_RETURN_NONE;
+    json = PyObject_CallOneArg(encode, value);
+    if (json == NULL || !PyBytes_CheckExact(json)) {
+        Py_XDECREF(json);
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    out = escape_non_ascii(json);
+    Py_DECREF(json);
+    if (out == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return out;
+}
+
+static PyObject *
+ascii_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "ascii_json takes 2 arguments");
+        return NULL;
+    }
+    return ascii_json_impl(args[0], args[1]);
+}
+
 /* The UTF-8 of `name` if it is a non-empty exact str with neither a space nor
  * a newline (and no lone surrogate); NULL, with no exception set, otherwise. */
 static const char *
@@ -83,7 +210,7 @@ encode_rdata(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *stream, *instance, *token, *row, *encode;
     PyObject *token_text = NULL, *json = NULL, *out = NULL;
     const char *s, *i, *t, *j;
-    Py_ssize_t s_len, i_len, t_len, j_len, k;
+    Py_ssize_t s_len, i_len, t_len, j_len;
     char *p;
 
     if (nargs != 5) {
@@ -112,19 +239,13 @@ encode_rdata(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     else
         Py_RETURN_NONE;
-    if (!plain(row, 0))
-        goto fallback;
-
-    json = PyObject_CallOneArg(encode, row);
-    if (json == NULL || !PyBytes_CheckExact(json))
+    json = ascii_json_impl(row, encode);
+    if (json == NULL)
+        goto error;
+    if (json == Py_None)
         goto fallback;
     j = PyBytes_AS_STRING(json);
     j_len = PyBytes_GET_SIZE(json);
-    /* ASCII without DEL, as the standard library writes it. */
-    for (k = 0; k < j_len; k++) {
-        if ((unsigned char)j[k] >= 0x7f)
-            goto fallback;
-    }
 
     out = PyBytes_FromStringAndSize(NULL, 6 + s_len + 1 + i_len + 1 + t_len + 1 + j_len);
     if (out == NULL)
@@ -389,6 +510,9 @@ static PyMethodDef methods[] = {
     {"parse_rdata", (PyCFunction)(void (*)(void))parse_rdata, METH_FASTCALL,
      "parse_rdata(line, decode, new): the RDATA command on the line, or None "
      "if the pure-Python path must decide."},
+    {"ascii_json", (PyCFunction)(void (*)(void))ascii_json, METH_FASTCALL,
+     "ascii_json(value, encode): the JSON the standard library writes for "
+     "value, from msgspec's, or None if the value is not plain."},
     {"encode_rdata", (PyCFunction)(void (*)(void))encode_rdata, METH_FASTCALL,
      "encode_rdata(stream_name, instance_name, token, row, encode): the RDATA "
      "line as bytes, or None if the plain path must decide."},

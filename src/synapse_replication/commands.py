@@ -26,14 +26,13 @@ from synapse_replication._accel import SPEEDUPS
 from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import (
     FAST_DECODE_ERRORS,
-    FAST_ENCODE_ERRORS,
     JsonValue,
+    ascii_json,
     decode_json,
     encode_json,
     encode_json_bytes,
     fast_decode_json,
     fast_encode_json,
-    plain_json,
 )
 from synapse_replication.errors import CommandEncodeError, CommandParseError
 
@@ -805,17 +804,16 @@ def _encode_rdata_py(
         and " " not in instance_name
         and "\n" not in stream_name
         and "\n" not in instance_name
-        and plain_json(row)
     ):
         try:
             head = f"RDATA {stream_name} {instance_name} {'batch' if token is None else token} "
-            out = encode(row)
-            # ASCII without DEL: the JSON the standard library writes, and so
-            # without a newline.
-            if out.isascii() and b"\x7f" not in out:
+            out = ascii_json(row, encode)
+            # ASCII JSON has no newline.
+            if out is not None:
                 return head.encode("utf-8") + out
-        except (*FAST_ENCODE_ERRORS, ValueError):
-            # ValueError: a token with more digits than Python writes.
+        except (UnicodeEncodeError, ValueError):
+            # A lone surrogate in a name; a token with more digits than
+            # Python writes.
             pass
     return None
 
@@ -856,14 +854,15 @@ def encode_command(cmd: Command) -> bytes:
             and (device_id is None or type(device_id) is str)
             and type(cmd.last_seen) is int
         ):
-            try:
-                out = fast_encode_json(
-                    [cmd.access_token, cmd.ip, cmd.user_agent, device_id, cmd.last_seen]
-                )
-                if out.isascii() and b"\x7f" not in out:
+            out = ascii_json(
+                [cmd.access_token, cmd.ip, cmd.user_agent, device_id, cmd.last_seen],
+                fast_encode_json,
+            )
+            if out is not None:
+                try:
                     return b"USER_IP " + user_id.encode("utf-8") + b" " + out
-            except FAST_ENCODE_ERRORS:
-                pass
+                except UnicodeEncodeError:
+                    pass
     elif type(cmd) is PositionCommand:
         stream_name = cmd.stream_name
         instance_name = cmd.instance_name
@@ -890,10 +889,7 @@ def encode_command(cmd: Command) -> bytes:
         lock_name = cmd.lock_name
         lock_key = cmd.lock_key
         if type(instance_name) is str and type(lock_name) is str and type(lock_key) is str:
-            try:
-                out = fast_encode_json([instance_name, lock_name, lock_key])
-                if out.isascii() and b"\x7f" not in out:
-                    return b"LOCK_RELEASED " + out
-            except FAST_ENCODE_ERRORS:
-                pass
+            out = ascii_json([instance_name, lock_name, lock_key], fast_encode_json)
+            if out is not None:
+                return b"LOCK_RELEASED " + out
     return cmd.to_bytes()
