@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Final
 
 import attrs
@@ -548,6 +549,44 @@ class SpeedupsTests(TypedTestCase):
         self.assertIsNone(parse(b"POSITION s i 1 2", decode, RdataCommand))
         self.assertRaises(TypeError, parse, line, decode)
 
+    def test_build_row(self) -> None:
+        """build_row checks each field against its spec character."""
+        assert SPEEDUPS is not None
+        build = SPEEDUPS.build_row
+
+        def collect(*args: Any) -> tuple[Any, ...]:
+            return args
+
+        self.assertEqual(
+            build(collect, ["a", None, "b", 1, False, {}, ["x", "y"]], b"sosbbdL"),
+            ("a", None, "b", True, False, {}, ("x", "y")),
+        )
+        for values, spec in (
+            (["a"], b"ss"),
+            (("a",), b"s"),
+            ([None], b"s"),
+            ([StrSubclass("a")], b"s"),
+            ([1], b"o"),
+            ([2], b"b"),
+            ([-1], b"b"),
+            ([2**70], b"b"),
+            ([1.0], b"b"),
+            ([None], b"b"),
+            ([[]], b"d"),
+            ([("a",)], b"L"),
+            ([["a", 1]], b"L"),
+        ):
+            self.assertIsNone(build(collect, values, spec), (values, spec))
+        self.assertRaises(ValueError, build, collect, ["a"], b"?")
+        self.assertRaises(TypeError, build, collect, ["a"], "s")
+        self.assertRaises(ValueError, build, collect, [], b"s" * 17)
+        self.assertRaises(TypeError, build, collect, [])
+
+        def boom(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        self.assertRaises(RuntimeError, build, boom, ["a"], b"s")
+
     def test_builder_refuses_what_is_not_a_slot(self) -> None:
         """Builder wants the class's own plain slots, and the right arguments."""
         assert SPEEDUPS is not None
@@ -625,13 +664,25 @@ class StrSubclass(str):
     pass
 
 
+ROW_MODULES: Final[tuple[ModuleType, ...]] = (events_module, typing_module, receipts_module)
+
+
 class ParseRowTests(TypedTestCase):
     def assert_same_as_checked(
         self, stream: Any, checked: Callable[[Any], Any], row: Any
     ) -> None:
-        self.assertEqual(
-            outcome(lambda: stream.parse_row(row)), outcome(lambda: checked(row)), row
-        )
+        """parse_row gives what the per-field checks give, with the C row
+        builder (if built) and with the pure-Python inline checks."""
+        expected = outcome(lambda: checked(row))
+        self.assertEqual(outcome(lambda: stream.parse_row(row)), expected, row)
+        saved = [vars(module)["_c_build_row"] for module in ROW_MODULES]
+        for module in ROW_MODULES:
+            vars(module)["_c_build_row"] = None
+        try:
+            self.assertEqual(outcome(lambda: stream.parse_row(row)), expected, row)
+        finally:
+            for module, c_build_row in zip(ROW_MODULES, saved, strict=True):
+                vars(module)["_c_build_row"] = c_build_row
 
     def test_examples(self) -> None:
         """Rows at the edges of the inline checks."""

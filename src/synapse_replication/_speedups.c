@@ -387,6 +387,113 @@ fallback:
     Py_RETURN_NONE;
 }
 
+/* build_row(new, values, spec): new(*fields) if `values` (an exact list) has
+ * one item per character of `spec` (bytes) and each item is what its
+ * character asks for; None, with no exception, otherwise. The characters:
+ *   s  an exact str
+ *   o  None or an exact str
+ *   b  true/false, or an exact int 0/1 (SQLite): passed on as a bool
+ *   d  an exact dict
+ *   L  an exact list of exact strs: passed on as a tuple
+ * The inline checks of the streams' parse_row are its pure-Python twin. */
+
+#define MAX_FIELDS 16
+
+static PyObject *
+build_row(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *new, *values, *spec, *result;
+    PyObject *fields[MAX_FIELDS] = {NULL};
+    PyObject *owned[MAX_FIELDS];
+    const char *sp;
+    Py_ssize_t n, k, m, n_owned = 0;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "build_row takes 3 arguments");
+        return NULL;
+    }
+    new = args[0];
+    values = args[1];
+    spec = args[2];
+    if (!PyBytes_CheckExact(spec)) {
+        PyErr_SetString(PyExc_TypeError, "build_row: spec must be bytes");
+        return NULL;
+    }
+    sp = PyBytes_AS_STRING(spec);
+    n = PyBytes_GET_SIZE(spec);
+    if (n > MAX_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "build_row: too many fields");
+        return NULL;
+    }
+    if (!PyList_CheckExact(values) || PyList_GET_SIZE(values) != n)
+        Py_RETURN_NONE;
+    for (k = 0; k < n; k++) {
+        PyObject *v = PyList_GET_ITEM(values, k);
+        PyTypeObject *t = Py_TYPE(v);
+        switch (sp[k]) {
+        case 's':
+            if (t != &PyUnicode_Type)
+                goto refuse;
+            fields[k] = v;
+            break;
+        case 'o':
+            if (v != Py_None && t != &PyUnicode_Type)
+                goto refuse;
+            fields[k] = v;
+            break;
+        case 'b':
+            if (v == Py_True || v == Py_False)
+                fields[k] = v;
+            else if (t == &PyLong_Type) {
+                int overflow;
+                long x = PyLong_AsLongAndOverflow(v, &overflow);
+                if (overflow || (x != 0 && x != 1)) {
+                    PyErr_Clear();
+                    goto refuse;
+                }
+                fields[k] = x ? Py_True : Py_False;
+            }
+            else
+                goto refuse;
+            break;
+        case 'd':
+            if (t != &PyDict_Type)
+                goto refuse;
+            fields[k] = v;
+            break;
+        case 'L':
+            if (t != &PyList_Type)
+                goto refuse;
+            for (m = 0; m < PyList_GET_SIZE(v); m++) {
+                if (Py_TYPE(PyList_GET_ITEM(v, m)) != &PyUnicode_Type)
+                    goto refuse;
+            }
+            fields[k] = PyList_AsTuple(v);
+            if (fields[k] == NULL)
+                goto error;
+            owned[n_owned++] = fields[k];
+            break;
+        default:
+            PyErr_Format(PyExc_ValueError, "build_row: unknown spec character %c", sp[k]);
+            goto error;
+        }
+    }
+    result = PyObject_Vectorcall(new, fields, n, NULL);
+    for (k = 0; k < n_owned; k++)
+        Py_DECREF(owned[k]);
+    return result;
+
+refuse:
+    for (k = 0; k < n_owned; k++)
+        Py_DECREF(owned[k]);
+    Py_RETURN_NONE;
+
+error:
+    for (k = 0; k < n_owned; k++)
+        Py_DECREF(owned[k]);
+    return NULL;
+}
+
 /* Builder(cls, names): a callable that builds a `cls` instance from one
  * positional argument per name, stored in the slot of that name, as the
  * pure-Python builder of synapse_replication._fastattrs does (which checks
@@ -513,6 +620,9 @@ static PyMethodDef methods[] = {
     {"ascii_json", (PyCFunction)(void (*)(void))ascii_json, METH_FASTCALL,
      "ascii_json(value, encode): the JSON the standard library writes for "
      "value, from msgspec's, or None if the value is not plain."},
+    {"build_row", (PyCFunction)(void (*)(void))build_row, METH_FASTCALL,
+     "build_row(new, values, spec): new(*fields) if the values match spec, "
+     "else None."},
     {"encode_rdata", (PyCFunction)(void (*)(void))encode_rdata, METH_FASTCALL,
      "encode_rdata(stream_name, instance_name, token, row, encode): the RDATA "
      "line as bytes, or None if the plain path must decide."},

@@ -23,6 +23,7 @@ from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue
 from synapse_replication.errors import StreamRowError
 from synapse_replication.streams._base import (
+    C_BUILD_ROW,
     RowBase,
     Stream,
     check_bool,
@@ -109,6 +110,7 @@ def _parse_state_all(data: Any) -> EventsStreamAllStateRow:
     return EventsStreamAllStateRow(check_str(NAME, "room_id", f[0]))
 
 
+_c_build_row = C_BUILD_ROW
 _new_ev: Final = fast_constructor(EventsStreamEventRow)
 _new_state: Final = fast_constructor(EventsStreamCurrentStateRow)
 
@@ -144,6 +146,11 @@ class EventsStream(Stream[EventsStreamRow]):
             if type(kind) is str and type(f) is list:
                 n = len(f)
                 if kind == "ev" and n == 9:
+                    if _c_build_row is not None:
+                        ev: EventsStreamRow | None = _c_build_row(_new_ev, f, b"sssoooobb")
+                        if ev is not None:
+                            return ev
+                        return _parse_checked(row)
                     a, b, c, d, e, g, h, i, j = f
                     if (
                         type(a) is str
@@ -159,6 +166,11 @@ class EventsStream(Stream[EventsStreamRow]):
                     ):
                         return _new_ev(a, b, c, d, e, g, h, i == 1, j == 1)
                 elif kind == "state" and n == 4:
+                    if _c_build_row is not None:
+                        state: EventsStreamRow | None = _c_build_row(_new_state, f, b"ssso")
+                        if state is not None:
+                            return state
+                        return _parse_checked(row)
                     a, b, c, d = f
                     if (
                         type(a) is str

@@ -15,6 +15,7 @@ from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue
 from synapse_replication.errors import StreamRowError
 from synapse_replication.streams._base import (
+    C_BUILD_ROW,
     RowBase,
     Stream,
     check_opt_str,
@@ -51,6 +52,7 @@ def _parse_checked(row: JsonValue) -> ReceiptsStreamRow:
     )
 
 
+_c_build_row = C_BUILD_ROW
 _new_row: Final = fast_constructor(ReceiptsStreamRow)
 
 
@@ -60,7 +62,11 @@ class ReceiptsStream(Stream[ReceiptsStreamRow]):
 
     @classmethod
     def parse_row(cls, row: JsonValue) -> ReceiptsStreamRow:
-        if type(row) is list and len(row) == 6:
+        if _c_build_row is not None:
+            built: ReceiptsStreamRow | None = _c_build_row(_new_row, row, b"ssssod")
+            if built is not None:
+                return built
+        elif type(row) is list and len(row) == 6:
             a, b, c, d, e, data = row
             if (
                 type(a) is str

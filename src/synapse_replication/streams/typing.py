@@ -15,6 +15,7 @@ import attrs
 from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue
 from synapse_replication.streams._base import (
+    C_BUILD_ROW,
     RowBase,
     Stream,
     check_str,
@@ -39,6 +40,7 @@ def _parse_checked(row: JsonValue) -> TypingStreamRow:
     )
 
 
+_c_build_row = C_BUILD_ROW
 _new_row: Final = fast_constructor(TypingStreamRow)
 
 
@@ -48,7 +50,11 @@ class TypingStream(Stream[TypingStreamRow]):
 
     @classmethod
     def parse_row(cls, row: JsonValue) -> TypingStreamRow:
-        if type(row) is list and len(row) == 2:
+        if _c_build_row is not None:
+            built: TypingStreamRow | None = _c_build_row(_new_row, row, b"sL")
+            if built is not None:
+                return built
+        elif type(row) is list and len(row) == 2:
             room_id, user_ids = row
             if type(room_id) is str and type(user_ids) is list:
                 for user_id in user_ids:
