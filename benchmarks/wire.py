@@ -1,11 +1,13 @@
 """Wire benchmark: parse and serialize a realistic mix of replication lines, ours vs Synapse's.
 
 - parse: a framed line as received from the socket (bytes, without the newline)
-  to a command, and for RDATA on to the stream's typed row. Ours:
-  ``parse_command_from_line(line.decode("utf-8"))`` then
-  ``STREAMS_MAP[cmd.stream_name].parse_row(cmd.row)``; Synapse's: the same steps
-  with ``synapse.replication.tcp.commands`` and ``synapse.replication.tcp.streams``,
-  as its protocol and command handler do on receipt.
+  to a command, and for RDATA on to the stream's typed row. Ours: what the TCP
+  protocol calls, ``parse_command_from_bytes(line)``, then
+  ``STREAMS_MAP[cmd.stream_name].parse_row(cmd.row)``; Synapse's:
+  ``parse_command_from_line(line.decode("utf-8"))`` and the stream's
+  ``parse_row`` from ``synapse.replication.tcp.commands`` and
+  ``synapse.replication.tcp.streams``, as its protocol and command handler do on
+  receipt.
 - serialize: a command object to its framed bytes. Ours: ``encode_command(cmd) +
   b"\\n"``; Synapse's: what ``BaseReplicationStreamProtocol.send_command`` does
   (``"%s %s" % (cmd.NAME, cmd.to_line())``, newline check, UTF-8 encode, then the
@@ -44,6 +46,7 @@ from typing import Any, Final
 
 import attrs
 
+from synapse_replication._accel import SPEEDUPS
 from synapse_replication.commands import (
     COMMAND_MAP,
     Command,
@@ -52,7 +55,7 @@ from synapse_replication.commands import (
     RdataCommand,
     UserIpCommand,
     encode_command,
-    parse_command_from_line,
+    parse_command_from_bytes,
 )
 from synapse_replication.streams import STREAMS_MAP
 
@@ -405,7 +408,7 @@ def describe_mix(specs: Sequence[Spec], lines: Sequence[bytes]) -> list[str]:
 
 
 def ours_parse_line(line: bytes) -> tuple[Command, Any]:
-    cmd = parse_command_from_line(line.decode("utf-8"))
+    cmd = parse_command_from_bytes(line)
     row = None
     if isinstance(cmd, RdataCommand):
         row = STREAMS_MAP[cmd.stream_name].parse_row(cmd.row)
@@ -451,11 +454,11 @@ class SynapseSide:
 
 
 def ours_parse_all(lines: Sequence[bytes]) -> None:
-    parse = parse_command_from_line
+    parse = parse_command_from_bytes
     streams = STREAMS_MAP
     rdata = RdataCommand
     for line in lines:
-        cmd = parse(line.decode("utf-8"))
+        cmd = parse(line)
         if isinstance(cmd, rdata):
             streams[cmd.stream_name].parse_row(cmd.row)
 
@@ -693,7 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.machine()}, synapse-replication "
-        f"{metadata.version('synapse-replication')}, orjson {metadata.version('orjson')}, "
+        f"{metadata.version('synapse-replication')} "
+        f"({'with' if SPEEDUPS is not None else 'without'} its C speed-ups), "
+        f"msgspec {metadata.version('msgspec')}, "
         + (f"Synapse {synapse.version}" if synapse is not None else "no Synapse")
     )
     for text in describe_mix(specs, lines):

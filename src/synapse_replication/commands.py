@@ -17,15 +17,22 @@ travel over Redis, where there are no sides.
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Final, Self, TypeAlias
+from collections.abc import Callable
+from typing import ClassVar, Final, Self, TypeAlias, cast
 
 import attrs
 
+from synapse_replication._accel import SPEEDUPS
+from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import (
+    FAST_DECODE_ERRORS,
     JsonValue,
+    ascii_json,
     decode_json,
     encode_json,
     encode_json_bytes,
+    fast_decode_json,
+    fast_encode_json,
 )
 from synapse_replication.errors import CommandEncodeError, CommandParseError
 
@@ -51,8 +58,13 @@ __all__ = [
     "UserIpCommand",
     "UserSyncCommand",
     "encode_command",
+    "parse_command_from_bytes",
     "parse_command_from_line",
 ]
+
+# Integers with this many digits or more are left to `_parse_int` (Python
+# refuses to convert more than 4300 by default).
+_MAX_DIGITS: Final = 1000
 
 # The token Synapse writes instead of a number for every row but the last of a
 # group of rows that share one stream id.
@@ -101,7 +113,10 @@ class Command(abc.ABC):
     `to_line` gives that text back, so that ``NAME + " " + to_line()`` is the line.
     """
 
-    __slots__ = ()
+    # The weak reference slot lives here rather than in each command class
+    # (where attrs would add it): a class adding no slot but its fields has the
+    # layout that `fast_constructor` needs.
+    __slots__ = ("__weakref__",)
 
     NAME: ClassVar[str]
 
@@ -288,15 +303,14 @@ class RdataCommand(Command):
         stream_name, instance_name, token_text, row_json = parts
         if not stream_name or not instance_name:
             raise CommandParseError(cls.NAME, line, "empty stream or instance name")
-        # The most frequent line of all: plain digits are converted inline.
         token: int | None
-        if token_text.isdigit() and token_text.isascii():
-            token = int(token_text)
-        elif token_text == BATCH_TOKEN:
+        if token_text == BATCH_TOKEN:
             token = None
         else:
             token = _parse_int(cls.NAME, line, "token", token_text)
-        return cls(stream_name, instance_name, token, _parse_json(cls.NAME, line, row_json))
+        # _new_rdata builds RdataCommands, and cls is RdataCommand when it is used.
+        new = cast("type[Self]", _new_rdata) if cls is RdataCommand else cls
+        return new(stream_name, instance_name, token, _parse_json(cls.NAME, line, row_json))
 
     def _head(self) -> str:
         _check_word(self.NAME, "stream name", self.stream_name)
@@ -356,7 +370,9 @@ class PositionCommand(Command):
         stream_name, instance_name, prev_text, new_text = parts
         if not stream_name or not instance_name:
             raise CommandParseError(cls.NAME, line, "empty stream or instance name")
-        return cls(
+        # _new_position builds PositionCommands, and cls is PositionCommand when it is used.
+        new = cast("type[Self]", _new_position) if cls is PositionCommand else cls
+        return new(
             stream_name,
             instance_name,
             _parse_int(cls.NAME, line, "prev_token", prev_text),
@@ -501,7 +517,9 @@ class UserIpCommand(Command):
                 shown,
                 "fields must be [str, str, str, str or null, int]",
             )
-        return cls(user_id, access_token, ip, user_agent, device_id, last_seen)
+        # _new_user_ip builds UserIpCommands, and cls is UserIpCommand when it is used.
+        new = cast("type[Self]", _new_user_ip) if cls is UserIpCommand else cls
+        return new(user_id, access_token, ip, user_agent, device_id, last_seen)
 
     def to_line(self) -> str:
         _check_word(self.NAME, "user id", self.user_id)
@@ -536,10 +554,20 @@ class LockReleasedCommand(Command):
             raise CommandParseError(
                 cls.NAME, line, "expected a JSON list of three strings"
             )
-        return cls(value[0], value[1], value[2])
+        # _new_lock_released builds LockReleasedCommands, and cls is LockReleasedCommand when it is used.
+        new = cast("type[Self]", _new_lock_released) if cls is LockReleasedCommand else cls
+        return new(value[0], value[1], value[2])
 
     def to_line(self) -> str:
         return _encode_json(self.NAME, [self.instance_name, self.lock_name, self.lock_key])
+
+
+# Constructors for the commands built once per received line, for values the
+# parsers have already checked (see `fast_constructor`).
+_new_rdata: Final = fast_constructor(RdataCommand)
+_new_position: Final = fast_constructor(PositionCommand)
+_new_user_ip: Final = fast_constructor(UserIpCommand)
+_new_lock_released: Final = fast_constructor(LockReleasedCommand)
 
 
 AnyCommand: TypeAlias = (
@@ -627,6 +655,174 @@ def parse_command_from_line(line: str) -> AnyCommand:
         raise CommandParseError(name, line, e.reason) from None
 
 
+_c_parse_rdata: Callable[..., RdataCommand | None] | None = (
+    None if SPEEDUPS is None else SPEEDUPS.parse_rdata
+)
+
+
+def parse_command_from_bytes(line: bytes) -> AnyCommand:
+    """The command on `line`, a line as it comes off the wire: UTF-8 bytes,
+    without the newline.
+
+    The same command as ``parse_command_from_line(line.decode("utf-8"))``, and
+    the same errors, but faster for the frequent commands: RDATA, POSITION,
+    USER_IP and LOCK_RELEASED lines are split as bytes and their JSON is handed
+    to the decoder without a detour through `str`. Raises CommandParseError,
+    and nothing else, also for a line that is not UTF-8 (with the
+    UnicodeDecodeError as its ``__cause__``).
+    """
+    # The fast paths below take only lines that are certainly well formed;
+    # anything unusual (not UTF-8, signs or huge numbers, JSON that msgspec
+    # does not take, wrong types) goes the long way at the end, which decides
+    # and words the error.
+    if _c_parse_rdata is not None:
+        # The C twin of the RDATA case below.
+        cmd = _c_parse_rdata(line, fast_decode_json, _new_rdata)
+        if cmd is not None:
+            return cmd
+    parts = line.split(b" ", 4)
+    name = parts[0]
+    if name == b"RDATA":
+        if len(parts) == 5:
+            _, stream_name, instance_name, token_text, row_json = parts
+            token: int | None = -1
+            if token_text.isdigit():  # bytes: ASCII digits only
+                if len(token_text) < _MAX_DIGITS:
+                    token = int(token_text)
+            elif token_text == b"batch":
+                token = None
+            if stream_name and instance_name and token != -1:
+                try:
+                    return _new_rdata(
+                        stream_name.decode("utf-8"),
+                        instance_name.decode("utf-8"),
+                        token,
+                        fast_decode_json(row_json),
+                    )
+                except FAST_DECODE_ERRORS:
+                    pass
+    elif name == b"POSITION":
+        if len(parts) == 5:
+            _, stream_name, instance_name, prev_text, new_text = parts
+            if (
+                stream_name
+                and instance_name
+                and prev_text.isdigit()
+                and new_text.isdigit()  # and so no space: a fifth field
+                and len(prev_text) < _MAX_DIGITS
+                and len(new_text) < _MAX_DIGITS
+            ):
+                try:
+                    return _new_position(
+                        stream_name.decode("utf-8"),
+                        instance_name.decode("utf-8"),
+                        int(prev_text),
+                        int(new_text),
+                    )
+                except UnicodeDecodeError:
+                    pass
+    elif name == b"USER_IP":
+        if len(parts) > 2 and parts[1]:
+            user_id = parts[1]
+            try:
+                value = fast_decode_json(line[9 + len(user_id) :])
+            except FAST_DECODE_ERRORS:
+                pass
+            else:
+                if type(value) is list and len(value) == 5:
+                    access_token, ip, user_agent, device_id, last_seen = value
+                    if (
+                        type(access_token) is str
+                        and type(ip) is str
+                        and type(user_agent) is str
+                        and (device_id is None or type(device_id) is str)
+                        and type(last_seen) is int
+                    ):
+                        try:
+                            return _new_user_ip(
+                                user_id.decode("utf-8"),
+                                access_token,
+                                ip,
+                                user_agent,
+                                device_id,
+                                last_seen,
+                            )
+                        except UnicodeDecodeError:
+                            pass
+    elif name == b"LOCK_RELEASED" and len(parts) > 1:
+        try:
+            value = fast_decode_json(line[14:])
+        except FAST_DECODE_ERRORS:
+            pass
+        else:
+            if type(value) is list and len(value) == 3:
+                instance_name_str, lock_name, lock_key = value
+                if (
+                    type(instance_name_str) is str
+                    and type(lock_name) is str
+                    and type(lock_key) is str
+                ):
+                    return _new_lock_released(instance_name_str, lock_name, lock_key)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        cmd_name = name.decode("utf-8", "replace")
+        if cmd_name == UserIpCommand.NAME:
+            # Show no access token: the user id only, as its parser does.
+            shown_user = parts[1] if len(parts) > 1 else b""
+            shown = f"{shown_user[:100].decode('utf-8', 'backslashreplace')} [...]"
+        else:
+            shown = line.decode("utf-8", "backslashreplace")
+        raise CommandParseError(
+            cmd_name if cmd_name in COMMAND_MAP else None,
+            shown,
+            f"invalid UTF-8 at byte {e.start}",
+        ) from e
+    return parse_command_from_line(text)
+
+
+def _encode_rdata_py(
+    stream_name: str,
+    instance_name: str,
+    token: int | None,
+    row: JsonValue,
+    encode: Callable[[JsonValue], bytes],
+) -> bytes | None:
+    """The RDATA line for these fields, written in one go, if every field has
+    the expected type and is plainly valid; None to leave the line, and every
+    error, to `RdataCommand.to_bytes`. `encode` is `fast_encode_json`.
+
+    The C twin `_speedups.encode_rdata` gives exactly the same results.
+    """
+    if (
+        type(stream_name) is str
+        and type(instance_name) is str
+        and (token is None or type(token) is int)
+        and stream_name
+        and instance_name
+        and " " not in stream_name
+        and " " not in instance_name
+        and "\n" not in stream_name
+        and "\n" not in instance_name
+    ):
+        try:
+            head = f"RDATA {stream_name} {instance_name} {'batch' if token is None else token} "
+            out = ascii_json(row, encode)
+            # ASCII JSON has no newline.
+            if out is not None:
+                return head.encode("utf-8") + out
+        except (UnicodeEncodeError, ValueError):
+            # A lone surrogate in a name; a token with more digits than
+            # Python writes.
+            pass
+    return None
+
+
+_encode_rdata: Final[
+    Callable[[str, str, int | None, JsonValue, Callable[[JsonValue], bytes]], bytes | None]
+] = _encode_rdata_py if SPEEDUPS is None else SPEEDUPS.encode_rdata
+
+
 def encode_command(cmd: Command) -> bytes:
     """The line for `cmd`, UTF-8 encoded, without the newline.
 
@@ -634,4 +830,66 @@ def encode_command(cmd: Command) -> bytes:
     see two lines), a lone surrogate (it has no UTF-8 form) or a field would
     split wrongly.
     """
+    # The frequent commands are written here in one go when every field is of
+    # the expected type and plainly valid; anything else, and every error, is
+    # left to the command's own `to_bytes`. The JSON is ASCII without control
+    # characters, so it holds no newline.
+    if type(cmd) is RdataCommand:
+        out = _encode_rdata(
+            cmd.stream_name, cmd.instance_name, cmd.token, cmd.row, fast_encode_json
+        )
+        if out is not None:
+            return out
+    elif type(cmd) is UserIpCommand:
+        user_id = cmd.user_id
+        device_id = cmd.device_id
+        if (
+            type(user_id) is str
+            and user_id
+            and " " not in user_id
+            and "\n" not in user_id
+            and type(cmd.access_token) is str
+            and type(cmd.ip) is str
+            and type(cmd.user_agent) is str
+            and (device_id is None or type(device_id) is str)
+            and type(cmd.last_seen) is int
+        ):
+            out = ascii_json(
+                [cmd.access_token, cmd.ip, cmd.user_agent, device_id, cmd.last_seen],
+                fast_encode_json,
+            )
+            if out is not None:
+                try:
+                    return b"USER_IP " + user_id.encode("utf-8") + b" " + out
+                except UnicodeEncodeError:
+                    pass
+    elif type(cmd) is PositionCommand:
+        stream_name = cmd.stream_name
+        instance_name = cmd.instance_name
+        prev_token = cmd.prev_token
+        new_token = cmd.new_token
+        if (
+            type(stream_name) is str
+            and type(instance_name) is str
+            and type(prev_token) is int
+            and type(new_token) is int
+            and stream_name
+            and instance_name
+            and " " not in stream_name
+            and " " not in instance_name
+        ):
+            line = f"POSITION {stream_name} {instance_name} {prev_token} {new_token}"
+            if "\n" not in line:
+                try:
+                    return line.encode("utf-8")
+                except UnicodeEncodeError:
+                    pass
+    elif type(cmd) is LockReleasedCommand:
+        instance_name = cmd.instance_name
+        lock_name = cmd.lock_name
+        lock_key = cmd.lock_key
+        if type(instance_name) is str and type(lock_name) is str and type(lock_key) is str:
+            out = ascii_json([instance_name, lock_name, lock_key], fast_encode_json)
+            if out is not None:
+                return b"LOCK_RELEASED " + out
     return cmd.to_bytes()

@@ -65,7 +65,7 @@ from synapse_replication.commands import (
     ReplicateCommand,
     ServerCommand,
     encode_command,
-    parse_command_from_line,
+    parse_command_from_bytes,
 )
 from synapse_replication.errors import CommandEncodeError, CommandParseError, shorten
 from synapse_replication.interfaces import (
@@ -362,14 +362,13 @@ class BaseReplicationProtocol(LineOnlyReceiver, metaclass=abc.ABCMeta):
         if not line or line.isspace():
             return
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._fail(f"Invalid UTF-8 at byte {e.start}: {shorten(repr(line))}")
-            return
-        try:
-            cmd = parse_command_from_line(text)
+            cmd = parse_command_from_bytes(line)
         except CommandParseError as e:
-            self._fail(str(e))
+            bad = e.__cause__
+            if isinstance(bad, UnicodeDecodeError):
+                self._fail(f"Invalid UTF-8 at byte {bad.start}: {shorten(repr(line))}")
+            else:
+                self._fail(str(e))
             return
         metrics.TCP_INBOUND[cmd.NAME] += 1
         handle = self._dispatch.get(cmd.NAME)

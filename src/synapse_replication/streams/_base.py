@@ -21,6 +21,7 @@ import abc
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
+from synapse_replication._accel import SPEEDUPS
 from synapse_replication._json import JsonValue
 from synapse_replication.errors import StreamRowError
 
@@ -38,6 +39,25 @@ RowT = TypeVar("RowT")
 DEFAULT_TARGET_ROW_COUNT: Final = 100
 
 _NoneType: Final = type(None)
+
+
+# `_speedups.build_row(new, values, spec)`, when the C module is there: the
+# C twin of the inline checks at the top of the frequent streams' `parse_row`
+# (see its docstring in _speedups.c for the spec characters).
+C_BUILD_ROW: Final[Callable[..., Any] | None] = (
+    None if SPEEDUPS is None else SPEEDUPS.build_row
+)
+
+
+class RowBase:
+    """Base of the typed row classes (frozen attrs classes with slots).
+
+    It holds their weak reference slot, which attrs would otherwise add to each
+    class after its fields: a row class that adds nothing but its fields has the
+    layout `fast_constructor` needs to build rows quickly in `parse_row`.
+    """
+
+    __slots__ = ("__weakref__",)
 
 
 class Stream(abc.ABC, Generic[RowT]):

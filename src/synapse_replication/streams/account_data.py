@@ -9,13 +9,19 @@ from typing import Final
 import attrs
 
 from synapse_replication._json import JsonValue
-from synapse_replication.streams._base import Stream, check_opt_str, check_str, row_list
+from synapse_replication.streams._base import (
+    RowBase,
+    Stream,
+    check_opt_str,
+    check_str,
+    row_list,
+)
 
 NAME: Final = "account_data"
 
 
 @attrs.frozen(slots=True)
-class AccountDataStreamRow:
+class AccountDataStreamRow(RowBase):
     user_id: str
     room_id: str | None
     data_type: str

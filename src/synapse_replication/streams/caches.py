@@ -12,13 +12,19 @@ import attrs
 
 from synapse_replication._json import JsonValue
 from synapse_replication.errors import StreamRowError
-from synapse_replication.streams._base import Stream, check_int, check_str, row_list
+from synapse_replication.streams._base import (
+    RowBase,
+    Stream,
+    check_int,
+    check_str,
+    row_list,
+)
 
 NAME: Final = "caches"
 
 
 @attrs.frozen(slots=True)
-class CachesStreamRow:
+class CachesStreamRow(RowBase):
     cache_func: str
     keys: tuple[Any, ...] | None
     invalidation_ts: int

@@ -8,13 +8,19 @@ from typing import Final
 import attrs
 
 from synapse_replication._json import JsonValue
-from synapse_replication.streams._base import Stream, check_bool, check_str, row_list
+from synapse_replication.streams._base import (
+    RowBase,
+    Stream,
+    check_bool,
+    check_str,
+    row_list,
+)
 
 NAME: Final = "device_lists"
 
 
 @attrs.frozen(slots=True)
-class DeviceListsStreamRow:
+class DeviceListsStreamRow(RowBase):
     user_id: str
     is_signature: bool
     hosts_calculated: bool

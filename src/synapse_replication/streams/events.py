@@ -19,9 +19,12 @@ from typing import Any, ClassVar, Final
 
 import attrs
 
+from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue
 from synapse_replication.errors import StreamRowError
 from synapse_replication.streams._base import (
+    C_BUILD_ROW,
+    RowBase,
     Stream,
     check_bool,
     check_opt_str,
@@ -33,7 +36,7 @@ NAME: Final = "events"
 
 
 @attrs.frozen(slots=True)
-class EventsStreamRow:
+class EventsStreamRow(RowBase):
     """Base of the three kinds of `events` rows; `TYPE_ID` names the kind."""
 
     TYPE_ID: ClassVar[str]
@@ -107,11 +110,24 @@ def _parse_state_all(data: Any) -> EventsStreamAllStateRow:
     return EventsStreamAllStateRow(check_str(NAME, "room_id", f[0]))
 
 
+_c_build_row = C_BUILD_ROW
+_new_ev: Final = fast_constructor(EventsStreamEventRow)
+_new_state: Final = fast_constructor(EventsStreamCurrentStateRow)
+
 _PARSERS: Final = {
     EventsStreamEventRow.TYPE_ID: _parse_ev,
     EventsStreamCurrentStateRow.TYPE_ID: _parse_state,
     EventsStreamAllStateRow.TYPE_ID: _parse_state_all,
 }
+
+
+def _parse_checked(row: JsonValue) -> EventsStreamRow:
+    """`EventsStream.parse_row`, one check at a time, naming what is wrong."""
+    pair = row_list(NAME, row, 2)
+    parser = _PARSERS.get(pair[0]) if type(pair[0]) is str else None
+    if parser is None:
+        raise StreamRowError(f"events row has unknown type {pair[0]!r:.80}")
+    return parser(pair[1])
 
 
 class EventsStream(Stream[EventsStreamRow]):
@@ -122,11 +138,48 @@ class EventsStream(Stream[EventsStreamRow]):
 
     @classmethod
     def parse_row(cls, row: JsonValue) -> EventsStreamRow:
-        pair = row_list(NAME, row, 2)
-        parser = _PARSERS.get(pair[0]) if type(pair[0]) is str else None
-        if parser is None:
-            raise StreamRowError(f"events row has unknown type {pair[0]!r:.80}")
-        return parser(pair[1])
+        # The two frequent kinds of row are checked inline here, in one go; a
+        # row that fails any check goes to the parsers above, which name the
+        # problem (and accept nothing this refuses).
+        if type(row) is list and len(row) == 2:
+            kind, f = row
+            if type(kind) is str and type(f) is list:
+                n = len(f)
+                if kind == "ev" and n == 9:
+                    if _c_build_row is not None:
+                        ev: EventsStreamRow | None = _c_build_row(_new_ev, f, b"sssoooobb")
+                        if ev is not None:
+                            return ev
+                        return _parse_checked(row)
+                    a, b, c, d, e, g, h, i, j = f
+                    if (
+                        type(a) is str
+                        and type(b) is str
+                        and type(c) is str
+                        and (d is None or type(d) is str)
+                        and (e is None or type(e) is str)
+                        and (g is None or type(g) is str)
+                        and (h is None or type(h) is str)
+                        # booleans: true/false, or 1/0 from SQLite
+                        and (i is False or i is True or (type(i) is int and (i == 0 or i == 1)))
+                        and (j is False or j is True or (type(j) is int and (j == 0 or j == 1)))
+                    ):
+                        return _new_ev(a, b, c, d, e, g, h, i == 1, j == 1)
+                elif kind == "state" and n == 4:
+                    if _c_build_row is not None:
+                        state: EventsStreamRow | None = _c_build_row(_new_state, f, b"ssso")
+                        if state is not None:
+                            return state
+                        return _parse_checked(row)
+                    a, b, c, d = f
+                    if (
+                        type(a) is str
+                        and type(b) is str
+                        and type(c) is str
+                        and (d is None or type(d) is str)
+                    ):
+                        return _new_state(a, b, c, d)
+        return _parse_checked(row)
 
     @classmethod
     def row_to_json(cls, row: EventsStreamRow) -> JsonValue:

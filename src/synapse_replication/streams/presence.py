@@ -10,6 +10,7 @@ import attrs
 
 from synapse_replication._json import JsonValue
 from synapse_replication.streams._base import (
+    RowBase,
     Stream,
     check_bool,
     check_int,
@@ -22,7 +23,7 @@ NAME: Final = "presence"
 
 
 @attrs.frozen(slots=True)
-class PresenceStreamRow:
+class PresenceStreamRow(RowBase):
     user_id: str
     state: str
     last_active_ts: int

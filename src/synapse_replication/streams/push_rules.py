@@ -8,13 +8,13 @@ from typing import Final
 import attrs
 
 from synapse_replication._json import JsonValue
-from synapse_replication.streams._base import Stream, check_str, row_list
+from synapse_replication.streams._base import RowBase, Stream, check_str, row_list
 
 NAME: Final = "push_rules"
 
 
 @attrs.frozen(slots=True)
-class PushRulesStreamRow:
+class PushRulesStreamRow(RowBase):
     user_id: str
 
 

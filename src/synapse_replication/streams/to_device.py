@@ -9,13 +9,13 @@ from typing import Final
 import attrs
 
 from synapse_replication._json import JsonValue
-from synapse_replication.streams._base import Stream, check_str, row_list
+from synapse_replication.streams._base import RowBase, Stream, check_str, row_list
 
 NAME: Final = "to_device"
 
 
 @attrs.frozen(slots=True)
-class ToDeviceStreamRow:
+class ToDeviceStreamRow(RowBase):
     entity: str
 
 
