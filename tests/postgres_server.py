@@ -257,3 +257,21 @@ def fresh_database(case: SynchronousTestCase) -> dict[str, Any]:
     name = server.create_database()
     case.addCleanup(server.drop_database, name)
     return server.conn_args(name)
+
+
+def terminate_backends(conn_args: dict[str, Any], application_name: str) -> int:
+    """``pg_terminate_backend`` every session of `application_name` on the
+    database of `conn_args`, as a crashed or restarted server would end them;
+    how many. Blocking: call it from a thread or before the reactor runs."""
+    conn = psycopg2.connect(**conn_args)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s AND datname = current_database()",
+                (application_name,),
+            )
+            return len(cursor.fetchall())
+    finally:
+        conn.close()

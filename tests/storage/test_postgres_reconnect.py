@@ -4,34 +4,16 @@ saw every later transaction fail with "connection already closed"."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg2
 from twisted.enterprise import adbapi
 from twisted.trial.unittest import TestCase
 
 from synapse_replication.storage import Database
-from tests.postgres_server import fresh_database
+from tests.postgres_server import fresh_database, terminate_backends
 from tests.storage._helpers import REACTOR
 
 APPLICATION_NAME = "reconnect-test"
 POOL_SIZE = 3
-
-
-def _terminate(conn_args: dict[str, Any]) -> int:
-    """Terminate every session of the database under test; how many."""
-    conn = psycopg2.connect(**conn_args)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = %s",
-                (APPLICATION_NAME,),
-            )
-            return len(cursor.fetchall())
-    finally:
-        conn.close()
 
 
 class ReconnectTests(TestCase):
@@ -43,7 +25,7 @@ class ReconnectTests(TestCase):
         # Open every connection of the pool.
         for _ in range(POOL_SIZE * 2):
             self.assertEqual(await db.execute("warm up", "SELECT 1"), [(1,)])
-        self.assertEqual(_terminate(conn_args), POOL_SIZE)
+        self.assertEqual(terminate_backends(conn_args, APPLICATION_NAME), POOL_SIZE)
 
         failures = 0
         for _ in range(POOL_SIZE * 3):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import psycopg2
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -57,7 +56,7 @@ from synapse_replication.tcp import (
     connect_replication_client,
     listen_replication,
 )
-from tests.postgres_server import fresh_database
+from tests.postgres_server import fresh_database, terminate_backends
 from tests.redis_server import RedisServer, start_redis
 from tests.torture import redis_faults, seeds
 from tests.torture.ledger import MonitoredHandler
@@ -103,22 +102,6 @@ async def positions_only(
 ) -> StreamUpdateResult:
     """A writer follows the other for its positions only, never its rows."""
     return [], upto_token, False
-
-
-def terminate_backends(conn_args: dict[str, Any], application_name: str) -> int:
-    """``pg_terminate_backend`` every session of `application_name`; how many."""
-    conn = psycopg2.connect(**conn_args)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = %s AND datname = current_database()",
-                (application_name,),
-            )
-            return len(cursor.fetchall())
-    finally:
-        conn.close()
 
 
 class PgWriter(WriterNode):
