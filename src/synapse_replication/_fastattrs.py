@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_fastattrs -*-
+# -*- test-case-name: tests.test_fast_paths -*-
 """Build instances of frozen, slotted attrs classes without their `__init__`.
 
 The `__init__` that attrs writes for a frozen class stores each field through
