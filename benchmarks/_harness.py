@@ -153,7 +153,9 @@ class Child:
             self._log.close()
 
     def _tail(self) -> str:
-        self._log.flush()
+        """The last 30 lines of the child's log."""
+        if not self._log.closed:  # finish() has closed it
+            self._log.flush()
         return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-30:])
 
 
