@@ -65,16 +65,13 @@ child under cProfile and leaves one ``.prof`` file per child in DIR.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import platform
-import random
 import resource
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +81,15 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
+from _events import SEED, EventSource
+from _harness import Child, Env, Row
+from _harness import format_rate as _rate
+from _harness import format_ratio as _ratio
+from _harness import log as _log
+from _harness import median as _median
+from _harness import print_table
+from _harness import remove_db as _remove_db
+from _harness import run_child, run_reactor, say, wait_for
 from pipeline_receivers import (
     EVENTS,
     FACTORIES,
@@ -92,9 +97,6 @@ from pipeline_receivers import (
     WORKER,
     WRITER,
     RowCounter,
-    run_reactor,
-    say,
-    wait_for,
 )
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -119,7 +121,7 @@ from synapse_replication.storage import (
     StreamIdGenerator,
     open_stores,
 )
-from synapse_replication.storage.events import _NEW_EVENTS_SQL, EventToPersist
+from synapse_replication.storage.events import _NEW_EVENTS_SQL
 from synapse_replication.streams import StreamUpdateResult
 
 SYNAPSE_VERSION: Final = "1.163.2"
@@ -129,8 +131,6 @@ Synapse comparison skipped: no Python with matrix-synapse and this package. Make
     python3 -m venv /tmp/synapse-venv
     /tmp/synapse-venv/bin/pip install matrix-synapse=={SYNAPSE_VERSION} orjson -e .
 then rerun (or pass --synapse-python /path/to/venv/bin/python)."""
-
-SEED: Final = 20251127
 
 REPLAY_TARGET: Final = 4.0  # ours / Synapse's classes
 CATCH_UP_TARGET: Final = 0.5  # ours / bare SELECT
@@ -145,46 +145,9 @@ _RECEIVERS_SCRIPT: Final = str(Path(__file__).resolve().with_name("pipeline_rece
 _FOREIGN_ROLES: Final = frozenset(FACTORIES)
 
 
-# --------------------------------------------------------------------------
-# Events
-
-
-class EventSource:
-    """Deterministic ``m.room.message`` events: 1000 rooms, 5000 senders, one
-    in 20 a thread reply (so some rows carry ``relates_to``). The same seed
-    gives the same events, hence the same RDATA bytes."""
-
-    def __init__(self, seed: int = SEED) -> None:
-        self._rng = random.Random(seed)
-        self._rooms = [f"!{self._b64(14)[:18]}:example.com" for _ in range(1000)]
-        self._users = [f"@user{i}:example.com" for i in range(5000)]
-        self._recent: list[str] = []
-
-    def _b64(self, n: int) -> str:
-        return base64.urlsafe_b64encode(self._rng.randbytes(n)).decode("ascii")
-
-    def batch(self, start: int, count: int) -> list[EventToPersist]:
-        rng = self._rng
-        events = []
-        for i in range(start, start + count):
-            event_id = "$" + self._b64(32)[:43]
-            thread_root = rng.choice(self._recent) if self._recent and i % 20 == 0 else None
-            events.append(
-                EventToPersist(
-                    event_id=event_id,
-                    room_id=rng.choice(self._rooms),
-                    type="m.room.message",
-                    sender=rng.choice(self._users),
-                    relates_to=thread_root,
-                    relation_type="m.thread" if thread_root else None,
-                    origin_server_ts=1_700_000_000_000 + i,
-                    depth=i + 1,
-                    content={"msgtype": "m.text", "body": f"message {i}"},
-                )
-            )
-            if i % 100 == 0:
-                self._recent = [*self._recent[-99:], event_id]
-        return events
+def _script(role: str) -> str:
+    """The script that plays `role`."""
+    return _RECEIVERS_SCRIPT if role in _FOREIGN_ROLES else _SCRIPT
 
 
 # --------------------------------------------------------------------------
@@ -495,100 +458,6 @@ def child_main(role: str, args: dict[str, Any]) -> None:
 # The parent: children, the replay sender, caches
 
 
-@attrs.define
-class Env:
-    workdir: Path
-    python: str
-    synapse_python: str | None
-    profile_dir: Path | None
-    profiles: int = 0
-
-    def command(self, role: str, args: dict[str, Any], python: str | None = None) -> list[str]:
-        cmd = [python or self.python]
-        if self.profile_dir is not None:
-            self.profiles += 1
-            out = self.profile_dir / f"{self.profiles:03d}-{role}.prof"
-            cmd += ["-m", "cProfile", "-o", str(out)]
-        script = _RECEIVERS_SCRIPT if role in _FOREIGN_ROLES else _SCRIPT
-        return [*cmd, script, "--child", role, json.dumps(args)]
-
-
-class Child:
-    """A child process talking in lines (see `_say`); its stderr goes to a log."""
-
-    def __init__(self, env: Env, role: str, args: dict[str, Any], python: str | None = None):
-        self.role = role
-        self.log_path = env.workdir / f"child-{role}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            env.command(role, args, python),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self._watchdog = threading.Timer(CHILD_TIMEOUT_S, self.proc.kill)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def expect(self, tag: str) -> Any:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            name, _, payload = line.rstrip("\n").partition(" ")
-            if name == tag:
-                return json.loads(payload) if payload else None
-        self.proc.wait()
-        raise RuntimeError(
-            f"{self.role} ended (exit {self.proc.returncode}) before {tag}:\n" + self._tail()
-        )
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def finish(self) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self._watchdog.cancel()
-        self._log.close()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"{self.role} exited {self.proc.returncode}:\n{self._tail()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._watchdog.cancel()
-        self._log.close()
-
-    def _tail(self) -> str:
-        self._log.flush()
-        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-30:])
-
-
-def run_child(env: Env, role: str, args: dict[str, Any], python: str | None = None) -> Any:
-    child = Child(env, role, args, python)
-    try:
-        result = child.expect("RESULT")
-        child.finish()
-    finally:
-        child.kill()
-    return result
-
-
-def _remove_db(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(str(path) + suffix).unlink()
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def ensure_capture(env: Env, events: int, batch: int, rebuild: bool) -> Path:
     out = env.workdir / f"capture-{events}-{SEED}.rdata"
     if out.exists() and not rebuild:
@@ -757,58 +626,8 @@ def _rotate(items: Sequence[str], run: int) -> list[str]:
 # The table
 
 
-@attrs.frozen
-class Row:
-    metric: str
-    ours: str
-    reference: str
-    ratio: str
-    target: str
-    status: str
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def _spread(values: Sequence[float]) -> str:
-    """min-max as a percentage of the median, to show how noisy a number is."""
-    if len(values) < 2:
-        return ""
-    med = _median(values)
-    return f" ±{(max(values) - min(values)) / 2 / med * 100:.0f}%" if med else ""
-
-
-def _rate(values: Sequence[float]) -> str:
-    return f"{_median(values):,.0f} rows/s{_spread(values)}"
-
-
-def _ratio(values: Sequence[float], suffix: str = "") -> str:
-    """The median of per-run ratios, with their range."""
-    if len(values) < 2:
-        return f"{_median(values):.2f}{suffix}"
-    return f"{_median(values):.2f}{suffix} ({min(values):.2f}-{max(values):.2f})"
-
-
 def _status(ratio: float, target: float) -> str:
     return "PASS" if ratio >= target else "BELOW"
-
-
-def print_table(rows: Sequence[Row]) -> None:
-    """A markdown table, as the other benchmarks print theirs."""
-    header = Row("metric", "ours", "reference", "ratio", "target", "status")
-    names = [f.name for f in attrs.fields(Row)]
-    all_rows = [header, *rows]
-    widths = [max(len(getattr(r, name)) for r in all_rows) for name in names]
-
-    def fmt(row: Row) -> str:
-        cells = [getattr(row, name).ljust(w) for name, w in zip(names, widths, strict=True)]
-        return "| " + " | ".join(cells) + " |"
-
-    print(fmt(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt(row))
 
 
 # --------------------------------------------------------------------------
@@ -905,9 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     synapse_python = _synapse_python(ns.synapse_python)
     env = Env(
         workdir=ns.workdir,
-        python=sys.executable,
-        synapse_python=synapse_python,
         profile_dir=ns.profile,
+        script=_script,
+        child_timeout_s=CHILD_TIMEOUT_S,
+        close_stdin_on_finish=True,
     )
     # The replay receivers all run under one interpreter, Synapse's if any.
     replay_python = synapse_python or sys.executable

@@ -17,11 +17,12 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Final
 from unittest.mock import Mock
 
+from _harness import run_reactor, say, wait_for
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import LineOnlyReceiver
@@ -34,35 +35,6 @@ EVENTS: Final = "events"
 
 # --------------------------------------------------------------------------
 # What every child uses
-
-
-def run_reactor(main: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
-    """Run ``main(reactor)`` in the global reactor; its result, or its exception."""
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-    outcome: list[Any] = []
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(main(reactor))
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome:
-        raise RuntimeError("reactor stopped before the benchmark finished")
-    result = outcome[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    assert isinstance(result, dict)
-    return result
-
-
-def say(tag: str, payload: object = None) -> None:
-    """A line for the parent: ``TAG`` or ``TAG <json>``."""
-    line = tag if payload is None else f"{tag} {json.dumps(payload)}"
-    print(line, flush=True)
 
 
 class RowCounter:
@@ -95,14 +67,6 @@ class RowCounter:
             "last": self.last,
             "cpu": self.last_cpu - self.first_cpu,
         }
-
-
-async def wait_for(reactor: Any, d: Deferred[None], timeout: float, what: str) -> None:
-    d.addTimeout(timeout, reactor)
-    try:
-        await d
-    except Exception as e:
-        raise RuntimeError(f"timed out waiting for {what}") from e
 
 
 async def _receive(

@@ -60,27 +60,40 @@ the timings then include the profiler's overhead.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import math
 import os
 import platform
-import random
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
+from _events import EventSource
+from _harness import (
+    Child,
+    Env,
+    Row,
+    format_rate,
+    format_ratio,
+    free_port,
+    log,
+    median,
+    print_table,
+    remove_db,
+    run_reactor,
+    say,
+    spread,
+    wait_for,
+)
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -93,7 +106,6 @@ from twisted.logger import (
     globalLogBeginner,
     textFileLogObserver,
 )
-from twisted.python.failure import Failure
 
 from synapse_replication.commands import RdataCommand, encode_command
 from synapse_replication.data_handler import ReplicationDataHandler
@@ -106,7 +118,6 @@ from synapse_replication.storage.events import EventToPersist
 WRITER: Final = "master"
 SERVER_NAME: Final = "localhost"  # also the Redis channel
 EVENTS: Final = "events"
-SEED: Final = 20251127
 
 LATENCY_P99_TARGET: Final = 3.0  # ours / bare, at most
 CPU_TARGET: Final = 1.2  # 20 workers / 1 worker, at most
@@ -119,44 +130,7 @@ _SCRIPT: Final = str(Path(__file__).resolve())
 
 
 # --------------------------------------------------------------------------
-# Events and their RDATA lines
-
-
-class EventSource:
-    """Deterministic ``m.room.message`` events: 1000 rooms, 5000 senders, one
-    in 20 a thread reply (its row then carries ``relates_to``)."""
-
-    def __init__(self, seed: int = SEED) -> None:
-        self._rng = random.Random(seed)
-        self._rooms = [f"!{self._b64(14)[:18]}:example.com" for _ in range(1000)]
-        self._users = [f"@user{i}:example.com" for i in range(5000)]
-
-    def _b64(self, n: int) -> str:
-        return base64.urlsafe_b64encode(self._rng.randbytes(n)).decode("ascii")
-
-    def events(self, count: int) -> list[EventToPersist]:
-        rng = self._rng
-        out: list[EventToPersist] = []
-        recent: list[str] = []
-        for i in range(count):
-            event_id = "$" + self._b64(32)[:43]
-            root = rng.choice(recent) if recent and i % 20 == 0 else None
-            out.append(
-                EventToPersist(
-                    event_id=event_id,
-                    room_id=rng.choice(self._rooms),
-                    type="m.room.message",
-                    sender=rng.choice(self._users),
-                    relates_to=root,
-                    relation_type="m.thread" if root else None,
-                    origin_server_ts=1_700_000_000_000 + i,
-                    depth=i + 1,
-                    content={"msgtype": "m.text", "body": f"message {i}"},
-                )
-            )
-            if i % 100 == 0:
-                recent = [*recent[-99:], event_id]
-        return out
+# The RDATA lines of the events
 
 
 def rdata_payload(token: int, event: EventToPersist) -> bytes:
@@ -171,11 +145,6 @@ def rdata_payload(token: int, event: EventToPersist) -> bytes:
 
 # --------------------------------------------------------------------------
 # Helpers shared by the children
-
-
-def _say(tag: str, payload: object = None) -> None:
-    """A line for the parent: ``TAG`` or ``TAG <json>``."""
-    print(tag if payload is None else f"{tag} {json.dumps(payload)}", flush=True)
 
 
 async def _expect_line(expected: str) -> None:
@@ -196,14 +165,6 @@ async def _until(reactor: Any, condition: Callable[[], bool], timeout: float, wh
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
         await deferLater(reactor, 0.01, lambda: None)
-
-
-async def _wait(reactor: Any, d: Deferred[None], timeout: float, what: str) -> None:
-    d.addTimeout(timeout, reactor)
-    try:
-        await d
-    except Exception as e:
-        raise RuntimeError(f"timed out after {timeout} s waiting for {what}") from e
 
 
 async def _sleep_until(reactor: Any, due: float) -> None:
@@ -234,7 +195,7 @@ async def writer_child(reactor: Any, args: dict[str, Any]) -> dict[str, Any]:
     n: int = args["events"]
     batch: int = args["batch"]
     rate: float | None = args.get("rate")
-    events = EventSource().events(n)
+    events = EventSource().batch(0, n)
     batches = [events[i : i + batch] for i in range(0, n, batch)]
     writer = await start_writer(
         reactor, db_path=args["db"], instance_name=WRITER, server_name=SERVER_NAME, port=None
@@ -254,7 +215,7 @@ async def writer_child(reactor: Any, args: dict[str, Any]) -> dict[str, Any]:
         "both Redis connections",
     )
     store = writer.stores.events
-    _say("READY")
+    say("READY")
     await _expect_line("GO")
 
     committed: list[tuple[int, float]] = []
@@ -272,7 +233,7 @@ async def writer_child(reactor: Any, args: dict[str, Any]) -> dict[str, Any]:
             committed.extend((token, now) for token in ids)
     end = time.monotonic()
     await writer.streamer.wait_until_idle()
-    _say("WRITTEN")
+    say("WRITTEN")
     await _expect_line("STOP")
     cpu = _cpu_s() - cpu_start
 
@@ -349,15 +310,15 @@ async def worker_child(reactor: Any, args: dict[str, Any]) -> dict[str, Any]:
         clients.append(client)
     for data in handlers:
         # The writer's POSITION answers our REPLICATE.
-        await _wait(
+        await wait_for(
             reactor,
             data.wait_for_stream_position(EVENTS, WRITER, 0),
             READY_TIMEOUT_S,
             "the writer's POSITION",
         )
-    _say("READY")
+    say("READY")
     for data in handlers:
-        await _wait(reactor, data.done, args["timeout"], f"{n} rows in every worker")
+        await wait_for(reactor, data.done, args["timeout"], f"{n} rows in every worker")
     result = {
         "last": max(data.last or 0.0 for data in handlers),
         "rows": [data.rows for data in handlers],
@@ -400,13 +361,13 @@ async def bare_publisher_child(reactor: Any, args: dict[str, Any]) -> dict[str, 
     channel = SERVER_NAME.encode()
     requests = [
         _publish_request(channel, rdata_payload(i + 1, event))
-        for i, event in enumerate(EventSource().events(n))
+        for i, event in enumerate(EventSource().batch(0, n))
     ]
     proto = BarePublisher()
     await _connect(reactor, args["port"], proto)
     transport = proto.transport
     assert transport is not None
-    _say("READY")
+    say("READY")
     await _expect_line("GO")
 
     sent: list[tuple[int, float]] = []
@@ -427,7 +388,7 @@ async def bare_publisher_child(reactor: Any, args: dict[str, Any]) -> dict[str, 
                 transport.write(requests[j])
     end = time.monotonic()
     await _until(reactor, lambda: proto.replies >= n, 300, f"{n} PUBLISH replies")
-    _say("WRITTEN")
+    say("WRITTEN")
     await _expect_line("STOP")
     transport.loseConnection()
     return {"start": start, "end": end, "committed": sent}
@@ -511,9 +472,9 @@ async def bare_subscriber_child(reactor: Any, args: dict[str, Any]) -> dict[str,
     """args: port, events, record, timeout."""
     proto = BareSubscriber(SERVER_NAME.encode(), args["events"], args["record"])
     await _connect(reactor, args["port"], proto)
-    await _wait(reactor, proto.subscribed, READY_TIMEOUT_S, "SUBSCRIBE")
-    _say("READY")
-    await _wait(reactor, proto.done, args["timeout"], f"{args['events']} messages")
+    await wait_for(reactor, proto.subscribed, READY_TIMEOUT_S, "SUBSCRIBE")
+    say("READY")
+    await wait_for(reactor, proto.done, args["timeout"], f"{args['events']} messages")
     assert proto.transport is not None
     proto.transport.loseConnection()
     return {"last": proto.last, "rows": [proto.rows], "times": proto.times}
@@ -541,24 +502,8 @@ def child_main(role: str, args: dict[str, Any]) -> None:
         ],
         redirectStandardIO=False,
     )
-    from twisted.internet import reactor
-
     main = _CHILDREN[role]
-    outcome: list[object] = []
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(main(reactor, args))
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome:
-        raise RuntimeError("reactor stopped before the child finished")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    _say("RESULT", result)
+    say("RESULT", run_reactor(lambda reactor: main(reactor, args)))
 
 
 # --------------------------------------------------------------------------
@@ -566,80 +511,12 @@ def child_main(role: str, args: dict[str, Any]) -> None:
 
 
 @attrs.define
-class Env:
-    workdir: Path
-    profile_dir: Path | None
+class RedisEnv(Env):
     redis_port: int = 0
-    children: int = 0
-
-    def command(self, role: str, args: dict[str, Any]) -> list[str]:
-        self.children += 1
-        cmd = [sys.executable]
-        if self.profile_dir is not None:
-            out = self.profile_dir / f"{self.children:03d}-{role}.prof"
-            cmd += ["-m", "cProfile", "-o", str(out)]
-        return [*cmd, _SCRIPT, "--child", role, json.dumps(args)]
 
 
-class Child:
-    """A child process talking in lines (see `_say`); its stderr goes to a log."""
-
-    def __init__(self, env: Env, role: str, args: dict[str, Any]) -> None:
-        self.role = role
-        self.log_path = env.workdir / f"child-{role}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            env.command(role, args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self._watchdog = threading.Timer(CHILD_TIMEOUT_S, self.proc.kill)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def expect(self, tag: str) -> Any:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            name, _, payload = line.rstrip("\n").partition(" ")
-            if name == tag:
-                return json.loads(payload) if payload else None
-        self.proc.wait()
-        raise RuntimeError(
-            f"{self.role} ended (exit {self.proc.returncode}) before {tag}:\n{self._tail()}"
-        )
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def finish(self) -> None:
-        self.proc.wait(timeout=60)
-        self._watchdog.cancel()
-        self._log.close()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"{self.role} exited {self.proc.returncode}:\n{self._tail()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._watchdog.cancel()
-        if not self._log.closed:
-            self._log.close()
-
-    def _tail(self) -> str:
-        self._log.flush()
-        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-30:])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _script(role: str) -> str:
+    return _SCRIPT
 
 
 class RedisProcess:
@@ -649,7 +526,7 @@ class RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not on PATH (Debian: apt-get install redis-server)")
-        self.port = _free_port()
+        self.port = free_port()
         self._log = (workdir / "redis-server.log").open("w")
         command = [
             binary,
@@ -690,18 +567,8 @@ class RedisProcess:
         self._log.close()
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _remove_db(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(str(path) + suffix).unlink()
-
-
 def run_pair(
-    env: Env,
+    env: RedisEnv,
     impl: str,
     *,
     events: int,
@@ -718,7 +585,7 @@ def run_pair(
     port = env.redis_port
     db = env.workdir / "writer.db"
     if impl == "ours":
-        _remove_db(db)
+        remove_db(db)
         pub_role, sub_role = "writer", "worker"
         pub_args: dict[str, Any] = {"db": str(db), "port": port}
         sub_args: dict[str, Any] = {"db": str(db), "port": port, "workers": workers}
@@ -775,7 +642,7 @@ def _order(run: int) -> tuple[str, str]:
     return ("ours", "bare") if run % 2 == 0 else ("bare", "ours")
 
 
-def measure_throughput(env: Env, runs: int, events: int, batch: int) -> dict[str, list[float]]:
+def measure_throughput(env: RedisEnv, runs: int, events: int, batch: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"ours": [], "bare": [], "store": [], "ratio": [], "store_ratio": []}
     for run in range(runs):
         rates: dict[str, float] = {}
@@ -786,7 +653,7 @@ def measure_throughput(env: Env, runs: int, events: int, batch: int) -> dict[str
             if impl == "ours":
                 rates["store"] = events / (published["end"] - published["start"])
                 lag = received["last"] - published["end"]
-        _log(
+        log(
             f"  throughput run {run + 1}: ours {rates['ours']:,.0f} rows/s, bare "
             f"{rates['bare']:,.0f}, store writes {rates['store']:,.0f} (the worker's "
             f"last row {lag:.2f} s after the last write)"
@@ -798,7 +665,7 @@ def measure_throughput(env: Env, runs: int, events: int, batch: int) -> dict[str
     return out
 
 
-def measure_latency(env: Env, runs: int, rate: float, seconds: float) -> dict[str, list[float]]:
+def measure_latency(env: RedisEnv, runs: int, rate: float, seconds: float) -> dict[str, list[float]]:
     events = round(rate * seconds)
     out: dict[str, list[float]] = {
         key: [] for key in ("ours_p50", "ours_p99", "bare_p50", "bare_p99", "p50_ratio", "p99_ratio")
@@ -815,7 +682,7 @@ def measure_latency(env: Env, runs: int, rate: float, seconds: float) -> dict[st
             stats[f"{impl}_max"] = max(samples)
         stats["p50_ratio"] = stats["ours_p50"] / stats["bare_p50"]
         stats["p99_ratio"] = stats["ours_p99"] / stats["bare_p99"]
-        _log(
+        log(
             f"  latency run {run + 1}: ours p50 {stats['ours_p50']:.2f} ms p99 "
             f"{stats['ours_p99']:.2f} max {stats['ours_max']:.1f}; bare p50 "
             f"{stats['bare_p50']:.2f} p99 {stats['bare_p99']:.2f} max {stats['bare_max']:.1f}"
@@ -826,7 +693,7 @@ def measure_latency(env: Env, runs: int, rate: float, seconds: float) -> dict[st
 
 
 def measure_cpu(
-    env: Env, runs: int, rate: float, seconds: float, batch: int, many: int
+    env: RedisEnv, runs: int, rate: float, seconds: float, batch: int, many: int
 ) -> dict[str, list[float]]:
     events = round(rate * seconds)
     out: dict[str, list[float]] = {"one": [], "many": [], "ratio": []}
@@ -837,7 +704,7 @@ def measure_cpu(
                 env, "ours", events=events, batch=batch, rate=rate, workers=workers
             )
             per_row[workers] = published["cpu"] / events * 1e6
-        _log(
+        log(
             f"  writer CPU run {run + 1}: 1 worker {per_row[1]:.1f} us/row, "
             f"{many} workers {per_row[many]:.1f} us/row"
         )
@@ -851,46 +718,10 @@ def measure_cpu(
 # The table
 
 
-@attrs.frozen
-class Row:
-    metric: str
-    ours: str
-    reference: str
-    ratio: str
-    target: str
-    status: str
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def _spread(values: Sequence[float]) -> str:
-    """Half the min-max spread as a percentage of the median."""
-    if len(values) < 2:
-        return ""
-    med = _median(values)
-    return f" ±{(max(values) - min(values)) / 2 / med * 100:.0f}%" if med else ""
-
-
 def _ratio(values: Sequence[float]) -> str:
-    return f"{_median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
-
-
-def print_table(rows: Sequence[Row]) -> None:
-    header = Row("metric", "ours", "reference", "ratio", "target", "status")
-    names = [f.name for f in attrs.fields(Row)]
-    all_rows = [header, *rows]
-    widths = [max(len(getattr(r, name)) for r in all_rows) for name in names]
-
-    def fmt(row: Row) -> str:
-        cells = [getattr(row, name).ljust(w) for name, w in zip(names, widths, strict=True)]
-        return "| " + " | ".join(cells) + " |"
-
-    print(fmt(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt(row))
+    """A ratio of the table: the median of per-run ratios, with their range
+    even when there is one run."""
+    return format_ratio(values, "x", range_from=1)
 
 
 def table_rows(
@@ -901,13 +732,12 @@ def table_rows(
 ) -> list[Row]:
     rows: list[Row] = []
     if throughput is not None:
-        ours = f"{_median(throughput['ours']):,.0f} rows/s{_spread(throughput['ours'])}"
+        ours = format_rate(throughput["ours"])
         rows.append(
             Row(
                 "throughput writer->worker",
                 ours,
-                f"bare pub/sub {_median(throughput['bare']):,.0f} rows/s"
-                f"{_spread(throughput['bare'])}",
+                f"bare pub/sub {format_rate(throughput['bare'])}",
                 _ratio(throughput["ratio"]),
                 "-",
                 "info",
@@ -917,8 +747,7 @@ def table_rows(
             Row(
                 "throughput vs store writes",
                 ours,
-                f"store writes {_median(throughput['store']):,.0f} rows/s"
-                f"{_spread(throughput['store'])}",
+                f"store writes {format_rate(throughput['store'])}",
                 _ratio(throughput["store_ratio"]),
                 "-",
                 "info",
@@ -926,25 +755,25 @@ def table_rows(
         )
     if latency is not None:
         for p, target in (("p50", None), ("p99", LATENCY_P99_TARGET)):
-            ratio = _median(latency[f"{p}_ratio"])
+            ratio = median(latency[f"{p}_ratio"])
             rows.append(
                 Row(
                     f"latency write->on_rdata {p}",
-                    f"{_median(latency[f'ours_{p}']):.2f} ms{_spread(latency[f'ours_{p}'])}",
-                    f"bare PUBLISH->message {_median(latency[f'bare_{p}']):.2f} ms"
-                    f"{_spread(latency[f'bare_{p}'])}",
+                    f"{median(latency[f'ours_{p}']):.2f} ms{spread(latency[f'ours_{p}'])}",
+                    f"bare PUBLISH->message {median(latency[f'bare_{p}']):.2f} ms"
+                    f"{spread(latency[f'bare_{p}'])}",
                     _ratio(latency[f"{p}_ratio"]),
                     "-" if target is None else f"<= {target:g}x",
                     "info" if target is None else ("PASS" if ratio <= target else "BELOW"),
                 )
             )
     if cpu is not None:
-        ratio = _median(cpu["ratio"])
+        ratio = median(cpu["ratio"])
         rows.append(
             Row(
                 "writer CPU per row",
-                f"{many} workers {_median(cpu['many']):.1f} us{_spread(cpu['many'])}",
-                f"1 worker {_median(cpu['one']):.1f} us{_spread(cpu['one'])}",
+                f"{many} workers {median(cpu['many']):.1f} us{spread(cpu['many'])}",
+                f"1 worker {median(cpu['one']):.1f} us{spread(cpu['one'])}",
                 _ratio(cpu["ratio"]),
                 f"<= {CPU_TARGET:g}x",
                 "PASS" if ratio <= CPU_TARGET else "BELOW",
@@ -999,7 +828,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if ns.profile is not None:
         ns.profile.mkdir(parents=True, exist_ok=True)
-    env = Env(workdir=workdir, profile_dir=ns.profile)
+    env = RedisEnv(
+        workdir=workdir,
+        profile_dir=ns.profile,
+        script=_script,
+        child_timeout_s=CHILD_TIMEOUT_S,
+        close_stdin_on_finish=False,
+    )
     redis = RedisProcess(workdir)
     env.redis_port = redis.port
     try:
@@ -1017,13 +852,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         throughput = latency = cpu = None
         if "throughput" in parts:
-            _log("throughput...")
+            log("throughput...")
             throughput = measure_throughput(env, runs, events, ns.batch)
         if "latency" in parts:
-            _log("latency...")
+            log("latency...")
             latency = measure_latency(env, runs, ns.rate, seconds)
         if "cpu" in parts:
-            _log("writer CPU...")
+            log("writer CPU...")
             cpu = measure_cpu(env, runs, ns.cpu_rate, cpu_seconds, ns.cpu_batch, ns.workers)
     finally:
         redis.stop()

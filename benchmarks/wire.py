@@ -45,6 +45,7 @@ from importlib import metadata
 from typing import Any, Final
 
 import attrs
+from _harness import print_markdown
 
 from synapse_replication._accel import SPEEDUPS
 from synapse_replication.commands import (
@@ -654,18 +655,7 @@ def print_table(results: Sequence[Result], count: int, targets: dict[str, float]
                 + ("-",) * 5
                 + ("skipped",)
             )
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def fmt(row: Sequence[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [
-            cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
-        ]
-        return "| " + " | ".join(cells) + " |"
-
-    print(fmt(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt(row))
+    print_markdown(header, rows, right_align=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
