@@ -530,7 +530,9 @@ class ReplicationCommandHandler:
         row_count = self._limits.catch_up_row_count
         on_rdata = self._data_handler.on_rdata
         name = stream.NAME
-        next_page = Deferred.fromCoroutine(_await(fetch(instance_name, token, upto_token, row_count)))
+        next_page = Deferred.fromCoroutine(
+            _await(fetch(instance_name, token, upto_token, row_count))
+        )
         while True:
             groups, new_token, limited = await next_page
             if limited:
