@@ -253,3 +253,12 @@ class BlockingDataHandler(TestReplicationDataHandler):
                 d.callback(None)
                 return
         raise AssertionError(f"no on_rdata call of {stream_name!r} is waiting")
+
+    def fail(self, stream_name: str, error: Exception) -> None:
+        """Make the oldest waiting `on_rdata` call of `stream_name` raise `error`."""
+        for i, (name, d) in enumerate(self._waiting):
+            if name == stream_name:
+                del self._waiting[i]
+                d.errback(error)
+                return
+        raise AssertionError(f"no on_rdata call of {stream_name!r} is waiting")

@@ -106,6 +106,21 @@ class WaitTests(TypedTestCase):
         self.successResultOf(d5)
         self.assertNoResult(d9)
 
+    def test_many_waiters_fire_once_in_token_order(self) -> None:
+        """Waiters added in any order fire once each, in token order, as the
+        position passes them; those for the same token in the order they came."""
+        dh = ReplicationDataHandler({("events", "w"): 0})
+        fired: list[str] = []
+        for token, name in [(6, "6"), (2, "2a"), (9, "9"), (2, "2b"), (4, "4")]:
+            dh.wait_for_stream_position("events", "w", token).addCallback(
+                lambda _, name: fired.append(name), name
+            )
+        for token in range(1, 8):
+            dh.on_rdata("events", "w", token, ["row"])
+        self.assertEqual(fired, ["2a", "2b", "4", "6"])
+        dh.on_position("events", "w", 12)
+        self.assertEqual(fired, ["2a", "2b", "4", "6", "9"])
+
     def test_wait_already_reached(self) -> None:
         """Waiting for a token at or below the position fires at once."""
         dh = ReplicationDataHandler({("events", "w"): 3})

@@ -36,8 +36,13 @@ from synapse_replication.interfaces import (
     IReplicationConnection,
     dispatch_table,
 )
-from synapse_replication.streams import EventsStream, TypingStream
+from synapse_replication.streams import EventsStream, StreamUpdateResult, TypingStream
 from synapse_replication.streams.events import EventsStreamEventRow
+from synapse_replication.streams.parsed import (
+    ParsedUpdateResult,
+    UpdateFunctionWithParsed,
+    parse_updates,
+)
 from synapse_replication.streams.typing import TypingStreamRow
 from synapse_replication.testing import RdataCall, TestReplicationDataHandler
 from tests.fakes import (
@@ -250,6 +255,89 @@ class CatchUpTests(HandlerTestCase):
         self.assertEqual(
             len([m for m in self.logs.messages(LogLevel.error) if "malformed row" in m]), 1
         )
+
+
+class CatchUpPagingTests(HandlerTestCase):
+    """The next page is fetched while one is delivered, never more than one ahead."""
+
+    def test_next_page_fetched_while_delivering(self) -> None:
+        """Page 2 is asked for before page 1 is delivered, page 3 only after."""
+        self.add_events(W, range(1, 7))
+        dh = BlockingDataHandler({("events", W): 0})
+        dh.blocking.add("events")
+        handler = self.make_handler(data_handler=dh, limits=HandlerLimits(catch_up_row_count=2))
+        conn = self.connect(handler)
+        handler.on_position(conn, position("events", 6, 6))
+        self.assertEqual(self.events_source.calls, [(W, 0, 6, 2), (W, 2, 6, 2)])
+        self.assertEqual(dh.arrivals, [("events", W, 1)])
+        dh.release("events")
+        dh.release("events")
+        self.assertEqual(self.events_source.calls, [(W, 0, 6, 2), (W, 2, 6, 2), (W, 4, 6, 2)])
+        while dh.waiting("events"):
+            dh.release("events")
+        self.assertEqual(dh.rdata_calls, self.event_calls(W, range(1, 7)))
+        self.assertEqual(dh.get_position("events", W), 6)
+
+    def test_failed_next_page_retried_from_delivered_rows(self) -> None:
+        """The prefetch fails: the page fetched before it is still delivered,
+        and the retry goes on from there."""
+        self.add_events(W, range(1, 7))
+        handler = self.make_handler(
+            {("events", W): 0}, limits=HandlerLimits(catch_up_row_count=2)
+        )
+        conn = self.connect(handler)
+        self.events_source.fail_next(1, after=1)
+        handler.on_position(conn, position("events", 6, 6))
+        self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(1, 3)))
+        self.clock.advance(0.5)
+        self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(1, 7)))
+        self.assertEqual(self.events_source.calls[2:], [(W, 2, 6, 2), (W, 4, 6, 2)])
+        self.assertEqual(len(self.flushLoggedErrors(SourceError)), 1)
+
+    def test_data_handler_failure_with_page_in_flight(self) -> None:
+        """The data handler fails while the next page, fetched meanwhile, has
+        failed too: no unhandled error, and the retry delivers every row."""
+        self.add_events(W, range(1, 7))
+        dh = BlockingDataHandler({("events", W): 0})
+        dh.blocking.add("events")
+        handler = self.make_handler(data_handler=dh, limits=HandlerLimits(catch_up_row_count=2))
+        conn = self.connect(handler)
+        self.events_source.fail_next(1, after=1)
+        handler.on_position(conn, position("events", 6, 6))
+        self.assertEqual(self.events_source.calls, [(W, 0, 6, 2), (W, 2, 6, 2)])
+        dh.fail("events", ValueError("data handler down"))
+        dh.blocking.clear()
+        self.clock.advance(0.5)
+        self.assertEqual(dh.rdata_calls, self.event_calls(W, range(1, 7)))
+        self.assertEqual(dh.get_position("events", W), 6)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.flushLoggedErrors(SourceError), [])
+
+    def test_update_function_with_parsed_rows(self) -> None:
+        """A source offering parsed rows is asked for them, not for JSON rows."""
+        self.add_events(W, range(1, 5))
+        json_calls: list[int] = []
+
+        async def update(instance: str, low: int, high: int, count: int) -> StreamUpdateResult:
+            json_calls.append(low)
+            return await self.events_source.update_function(instance, low, high, count)
+
+        async def parsed(instance: str, low: int, high: int, count: int) -> ParsedUpdateResult:
+            updates, new_token, limited = await self.events_source.update_function(
+                instance, low, high, count
+            )
+            return parse_updates(EventsStream, updates), new_token, limited
+
+        handler = self.make_handler({("events", W): 0}, limits=HandlerLimits(catch_up_row_count=3))
+        conn = self.connect(handler)
+        # The source of `make_handler`'s events stream, offering parsed rows.
+        handler._streams["events"] = EventsStream(
+            READER, self.events_source.current_token, UpdateFunctionWithParsed(update, parsed)
+        )
+        handler.on_position(conn, position("events", 4, 4))
+        self.assertEqual(json_calls, [])
+        self.assertEqual(self.events_source.calls, [(W, 0, 4, 3), (W, 3, 4, 3)])
+        self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(1, 5)))
 
 
 class BatchTests(HandlerTestCase):

@@ -13,6 +13,8 @@ what it has already seen, and lets tests wait for a position.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Awaitable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -63,7 +65,10 @@ class ReplicationDataHandler:
 
     def __init__(self, initial_positions: Mapping[PositionKey, int] | None = None) -> None:
         self._positions: dict[PositionKey, int] = dict(initial_positions or {})
-        self._waiters: dict[PositionKey, list[tuple[int, Deferred[None]]]] = {}
+        # Per key, a heap of (token, sequence number, waiter): `_advance`,
+        # called for every token, only looks at the lowest one.
+        self._waiters: dict[PositionKey, list[tuple[int, int, Deferred[None]]]] = {}
+        self._waiter_count = itertools.count()
 
     def get_position(self, stream_name: str, instance_name: str) -> int | None:
         return self._positions.get((stream_name, instance_name))
@@ -119,24 +124,33 @@ class ReplicationDataHandler:
         key = (stream_name, instance_name)
         if token > self._positions.get(key, token - 1):
             self._positions[key] = token
+        if not self._waiters:
+            return
         waiters = self._waiters.get(key)
-        if waiters:
+        if waiters and waiters[0][0] <= self._positions[key]:
             position = self._positions[key]
-            ready = [d for t, d in waiters if t <= position]
-            waiters[:] = [(t, d) for t, d in waiters if t > position]
+            ready = []
+            while waiters and waiters[0][0] <= position:
+                ready.append(heapq.heappop(waiters)[2])
+            if not waiters:
+                del self._waiters[key]
             for d in ready:
                 d.callback(None)
 
     def wait_for_stream_position(
         self, stream_name: str, instance_name: str, token: int
     ) -> Deferred[None]:
-        """Fires once the position of that writer reaches `token`."""
+        """Fires once the position of that writer reaches `token` (waiters
+        reached at once fire in token order, then in the order they came)."""
         d: Deferred[None] = Deferred()
         position = self.get_position(stream_name, instance_name)
         if position is not None and position >= token:
             d.callback(None)
         else:
-            self._waiters.setdefault((stream_name, instance_name), []).append((token, d))
+            heapq.heappush(
+                self._waiters.setdefault((stream_name, instance_name), []),
+                (token, next(self._waiter_count), d),
+            )
         return d
 
 

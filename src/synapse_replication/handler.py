@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -57,9 +57,17 @@ from synapse_replication.interfaces import (
     IReplicationCommandHandler,
     IReplicationConnection,
 )
-from synapse_replication.streams import Stream, group_updates_by_token
+from synapse_replication.streams import Stream
+from synapse_replication.streams.parsed import (
+    ParsedUpdateFunction,
+    ParsedUpdateResult,
+    UpdateFunctionWithParsed,
+    parse_updates,
+)
 
 _log: Final = Logger(namespace="synapse_replication.handler")
+
+T = TypeVar("T")
 
 # A reader restarting a stream that went backwards refetches from here.
 RESET_FROM_TOKEN: Final = 0
@@ -505,35 +513,58 @@ class ReplicationCommandHandler:
         token = from_token
         delivered = 0
         started = self._clock.seconds()
+        update_function = stream.update_function
+        fetch: ParsedUpdateFunction
+        if isinstance(update_function, UpdateFunctionWithParsed):
+            fetch = update_function.parsed
+        else:
+
+            async def fetch(
+                instance_name: str, from_token: int, upto_token: int, count: int
+            ) -> ParsedUpdateResult:
+                updates, new_token, limited = await update_function(
+                    instance_name, from_token, upto_token, count
+                )
+                return parse_updates(stream, updates), new_token, limited
+
+        row_count = self._limits.catch_up_row_count
+        on_rdata = self._data_handler.on_rdata
+        name = stream.NAME
+        next_page = Deferred.fromCoroutine(
+            _await(fetch(instance_name, token, upto_token, row_count))
+        )
         while True:
-            updates, new_token, limited = await stream.update_function(
-                instance_name, token, upto_token, self._limits.catch_up_row_count
-            )
-            for row_token, raw_rows in group_updates_by_token(updates):
-                rows = []
-                for raw in raw_rows:
-                    try:
-                        rows.append(stream.parse_row(raw))
-                    except ReplicationError as e:
-                        _log.error(
-                            "Dropping malformed row of stream {stream!r} in catch-up: {e}",
-                            stream=stream.NAME,
-                            e=e,
-                        )
-                if rows:
-                    delivered += len(rows)
-                    metrics.count_rows_received((stream.NAME, instance_name), len(rows))
-                    metrics.count_catch_up_rows(stream.NAME, len(rows))
-                    await _maybe(
-                        self._data_handler.on_rdata(stream.NAME, instance_name, row_token, rows)
+            groups, new_token, limited = await next_page
+            if limited:
+                if new_token <= token:
+                    raise CatchUpError(
+                        f"update function of {name!r} returned limited without "
+                        f"progress at token {token}"
                     )
+                # Fetch the next page (in the database thread) while this one
+                # is delivered: at most two pages are held at once.
+                next_page = Deferred.fromCoroutine(
+                    _await(fetch(instance_name, new_token, upto_token, row_count))
+                )
+            page_rows = 0
+            try:
+                for row_token, rows in groups:
+                    page_rows += len(rows)
+                    result = on_rdata(name, instance_name, row_token, rows)
+                    if result is not None:
+                        await result
+            except BaseException:
+                if limited:
+                    # Nobody will wait for it; a retry fetches it again.
+                    next_page.addErrback(lambda _: None)
+                raise
+            finally:
+                if page_rows:
+                    delivered += page_rows
+                    metrics.count_rows_received((name, instance_name), page_rows)
+                    metrics.count_catch_up_rows(name, page_rows)
             if not limited:
                 break
-            if new_token <= token:
-                raise CatchUpError(
-                    f"update function of {stream.NAME!r} returned limited without "
-                    f"progress at token {token}"
-                )
             token = new_token
         metrics.observe_catch_up(stream.NAME, self._clock.seconds() - started)
         _log.info(
@@ -647,6 +678,10 @@ class ReplicationCommandHandler:
 async def _maybe(result: Awaitable[None] | None) -> None:
     if result is not None:
         await result
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 def _as_deferred(result: Awaitable[None]) -> Deferred[None]:

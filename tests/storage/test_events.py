@@ -24,6 +24,7 @@ from synapse_replication.streams import (
     StreamUpdate,
     group_updates_by_token,
 )
+from synapse_replication.streams.parsed import UpdateFunctionWithParsed, parse_updates
 from tests.storage._helpers import (
     ALICE,
     ROOM,
@@ -47,6 +48,10 @@ async def page_all(
     token = from_token
     while True:
         page, new_token, limited = await store.get_updates("master", token, upto, limit)
+        # The parsed form of the same page, for a catch-up, is the JSON form
+        # as the handler would parse and group it.
+        parsed = await store.get_parsed_updates("master", token, upto, limit)
+        assert parsed == (parse_updates(EventsStream, page), new_token, limited), (parsed, page)
         assert all(token < t <= new_token for t, _ in page), (token, new_token, page)
         assert not limited or new_token > token, "a limited page must move on"
         assert limited or new_token == upto
@@ -267,6 +272,40 @@ class PersistEventsTests(TestCase):
         )
         for _, row in await stores.events.get_all_rows("master"):
             self.assertEqual(EventsStream.row_to_json(EventsStream.parse_row(row)), row)
+
+    async def test_parsed_rows_are_the_parsed_json_rows(self) -> None:
+        """`get_parsed_updates` gives the rows `parse_row` makes of `get_updates`'
+        rows (booleans as bools), grouped by token; the update function offers it."""
+        stores, _ = await open_test_stores(self)
+        events = stores.events
+        await events.persist_events(
+            [
+                state("$j", "m.room.member", ALICE, membership="join"),
+                message("$r", rejected=True),
+                message("$o", outlier=True),
+                message("$m"),
+            ]
+        )
+        await events.persist_events([message("$o2", outlier=True)])
+        await events.update_current_state(ROOM, many_keys(MAX_STATE_UPDATES_PER_ROOM))
+        await events.de_outlier_events(["$o"])
+        upto = events.current_token("master")
+        updates, _, _ = await events.get_updates("master", 0, upto, 10_000)
+        groups, new_upto, limited = await events.get_parsed_updates("master", 0, upto, 10_000)
+        self.assertEqual((new_upto, limited), (upto, False))
+        self.assertEqual(groups, parse_updates(EventsStream, updates))
+        self.assertEqual([token for token, _ in groups], [1, 2, 3, 4, 5, 6, 7])
+        # "$o" is an outlier no more: its row says so, at 3 and at 7.
+        flags = [(row.rejected, row.outlier) for _, rows in groups[:5] for row in rows[:1]]
+        self.assertEqual(
+            flags, [(False, False), (True, False), (False, False), (False, False), (False, True)]
+        )
+        self.assertTrue(all(type(f) is bool for pair in flags for f in pair))
+        update_function = events.get_updates
+        assert isinstance(update_function, UpdateFunctionWithParsed)
+        self.assertEqual(
+            await update_function.parsed("master", 0, upto, 10_000), (groups, upto, False)
+        )
 
     async def test_other_writers_rows_are_not_ours(self) -> None:
         """The update function returns only the named writer's rows."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Final
 
 import attrs
@@ -35,7 +36,22 @@ from synapse_replication.storage.id_generators import (
     AbstractStreamIdGenerator,
     write_at_new_ids,
 )
-from synapse_replication.streams._base import StreamUpdate, StreamUpdateResult, Token
+from synapse_replication.streams._base import (
+    StreamUpdate,
+    StreamUpdateResult,
+    Token,
+    UpdateFunction,
+    group_updates_by_token,
+)
+from synapse_replication.streams.events import (
+    EventsStreamAllStateRow,
+    EventsStreamCurrentStateRow,
+    EventsStreamEventRow,
+)
+from synapse_replication.streams.parsed import (
+    ParsedUpdateResult,
+    UpdateFunctionWithParsed,
+)
 
 EVENTS_STREAM_NAME: Final = "events"
 
@@ -168,11 +184,36 @@ _STATE_DELTAS_AT_SQL: Final = """
 """
 
 
-def _ev_update(row: tuple[Any, ...]) -> StreamUpdate:
-    return row[0], ["ev", list(row[1:])]
+@attrs.frozen
+class _RowForm:
+    """How `_merge_updates` makes each kind of row: the JSON form of
+    `get_updates`, or the parsed one of `get_parsed_updates`."""
+
+    ev: Callable[[tuple[Any, ...]], Any]
+    state: Callable[[tuple[Any, ...]], Any]
+    state_all: Callable[[str], Any]
 
 
-def _state_updates(rows: Iterable[tuple[Any, ...]]) -> Iterator[StreamUpdate]:
+_JSON_ROWS: Final = _RowForm(
+    ev=lambda row: ["ev", list(row[1:])],
+    state=lambda row: ["state", list(row[1:])],
+    state_all=lambda room_id: ["state-all", [room_id]],
+)
+# The rows `EventsStream.parse_row` makes from the JSON form, built from the
+# columns: they are what `parse_row` checks, as stored, and the booleans come
+# as 0/1 (SQLite) or bools (PostgreSQL).
+_PARSED_ROWS: Final = _RowForm(
+    ev=lambda r: EventsStreamEventRow(
+        r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9])
+    ),
+    state=lambda row: EventsStreamCurrentStateRow(row[1], row[2], row[3], row[4]),
+    state_all=EventsStreamAllStateRow,
+)
+
+
+def _state_updates(
+    rows: Iterable[tuple[Any, ...]], form: _RowForm
+) -> Iterator[tuple[Token, Any]]:
     """``state`` rows, or one ``state-all`` row where a room has at least
     MAX_STATE_UPDATES_PER_ROOM changes at one token.
 
@@ -189,9 +230,9 @@ def _state_updates(rows: Iterable[tuple[Any, ...]]) -> Iterator[StreamUpdate]:
                 whole_rooms.append(room_id)
             else:
                 for row in room_rows:
-                    yield token, ["state", list(row[1:])]
+                    yield token, form.state(row)
         for room_id in whole_rooms:
-            yield token, ["state-all", [room_id]]
+            yield token, form.state_all(room_id)
 
 
 def _write_state_changes(
@@ -260,6 +301,13 @@ class EventsStore:
         self._id_gen = id_gen
         self._instance_name = instance_name
         self._notify = notify
+        # The `events` stream's update function (see the module docstring),
+        # whose rows a catch-up takes parsed, from `get_parsed_updates`
+        # (an `UpdateFunctionWithParsed`, typed plainly so that it mixes with
+        # other update functions in one mapping).
+        self.get_updates: Final[UpdateFunction] = UpdateFunctionWithParsed(
+            self._get_updates, self.get_parsed_updates
+        )
         # Writes that change a room's current state, one at a time per room.
         self._room_locks: dict[str, DeferredLock] = {}
 
@@ -480,64 +528,72 @@ class EventsStore:
         """The events stream's current token for writer `instance_name`."""
         return self._id_gen.get_current_token_for_writer(instance_name)
 
-    async def get_updates(
+    async def _get_updates(
         self,
         instance_name: str,
         from_token: Token,
         upto_token: Token,
         target_row_count: int,
     ) -> StreamUpdateResult:
-        """The `events` stream's update function (see the module docstring).
-
-        The target is shared between new events and state changes (Synapse
-        expects about as many of each); the ex-outliers, always few, are not
-        limited. Whichever source hits its limit first lowers the upper token
-        for the others, so every source is complete up to the same token.
-        """
+        """`get_updates` in JSON form (see the module docstring)."""
         if from_token >= upto_token:
             return [], upto_token, False
-        per_source = max(1, target_row_count // 2)
 
         def read(cursor: Cursor) -> StreamUpdateResult:
-            def fetch(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-                cursor.execute(sql, args)
-                return cursor.fetchall()
-
-            event_rows = fetch(
-                _NEW_EVENTS_SQL + " LIMIT ?",
-                (from_token, upto_token, instance_name, per_source),
+            event_rows, ex_outlier_rows, state_rows, upper, limited = _read_page(
+                cursor, instance_name, from_token, upto_token, target_row_count
             )
-            # `stream_ordering` is the primary key of `events` and the joined
-            # tables add no rows, so each token has at most one ``ev`` row and
-            # a full page may end at its last row's token.
-            if len(event_rows) >= per_source:
-                limited = True
-                upper = int(event_rows[-1][0])
-            else:
-                limited = False
-                upper = upto_token
-
-            state_rows, upper, state_limited = page_whole_tokens(
-                lambda low, high, limit: fetch(
-                    _STATE_DELTAS_SQL + " LIMIT ?", (low, high, instance_name, limit)
-                ),
-                lambda token: fetch(_STATE_DELTAS_AT_SQL, (token, instance_name)),
-                from_token,
-                upper,
-                per_source,
-            )
-            limited = limited or state_limited
-            ex_outlier_rows = fetch(
-                _EX_OUTLIERS_SQL, (from_token, upper, instance_name)
-            )
+            if not ex_outlier_rows and not state_rows:
+                # Nearly always: new events only, already in token order.
+                return [(row[0], ["ev", list(row[1:])]) for row in event_rows], upper, limited
             updates = _merge_updates(
                 (row for row in event_rows if row[0] <= upper),
                 ex_outlier_rows,
                 state_rows,
+                _JSON_ROWS,
             )
             return updates, upper, limited
 
         return await self._db.run_interaction("get_events_updates", read)
+
+    async def get_parsed_updates(
+        self,
+        instance_name: str,
+        from_token: Token,
+        upto_token: Token,
+        target_row_count: int,
+    ) -> ParsedUpdateResult:
+        """`get_updates`' page as `EventsStream` rows grouped by token, for a
+        catch-up: the rows are built straight from the columns, in the
+        database thread, without the JSON form and its parsing (which together
+        cost as much CPU as the query)."""
+        if from_token >= upto_token:
+            return [], upto_token, False
+
+        def read(cursor: Cursor) -> ParsedUpdateResult:
+            event_rows, ex_outlier_rows, state_rows, upper, limited = _read_page(
+                cursor, instance_name, from_token, upto_token, target_row_count
+            )
+            if not ex_outlier_rows and not state_rows:
+                # Most pages: one event per token, inlined `_PARSED_ROWS.ev`.
+                row = EventsStreamEventRow
+                groups = [
+                    (
+                        r[0],
+                        [row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9]))],
+                    )
+                    for r in event_rows
+                ]
+                return groups, upper, limited
+            updates = _merge_updates(
+                (row for row in event_rows if row[0] <= upper),
+                ex_outlier_rows,
+                state_rows,
+                _PARSED_ROWS,
+            )
+            return list(group_updates_by_token(updates)), upper, limited
+
+        return await self._db.run_interaction("get_events_parsed_updates", read)
 
     async def get_all_rows(self, instance_name: str) -> list[StreamUpdate]:
         """Every row `instance_name` wrote up to the current token, through
@@ -582,22 +638,73 @@ class EventsStore:
         return {(row[0], row[1]): row[2] for row in rows}
 
 
+def _read_page(
+    cursor: Cursor,
+    instance_name: str,
+    from_token: Token,
+    upto_token: Token,
+    target_row_count: int,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], int, bool]:
+    """The rows of one page of `get_updates`, per source:
+    ``(event_rows, ex_outlier_rows, state_rows, upper, limited)``.
+
+    The target is shared between new events and state changes (Synapse
+    expects about as many of each); the ex-outliers, always few, are not
+    limited. Whichever source hits its limit first lowers the upper token for
+    the others, so every source is complete up to `upper`; `event_rows` may
+    go past it (filter them) only when `state_rows` is not empty.
+    """
+    per_source = max(1, target_row_count // 2)
+
+    def fetch(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        cursor.execute(sql, args)
+        return cursor.fetchall()
+
+    event_rows = fetch(
+        _NEW_EVENTS_SQL + " LIMIT ?", (from_token, upto_token, instance_name, per_source)
+    )
+    # `stream_ordering` is the primary key of `events` and the joined tables
+    # add no rows, so each token has at most one ``ev`` row and a full page
+    # may end at its last row's token.
+    if len(event_rows) >= per_source:
+        limited = True
+        upper = int(event_rows[-1][0])
+    else:
+        limited = False
+        upper = upto_token
+
+    # No state rows means `upper` is unchanged.
+    state_rows, upper, state_limited = page_whole_tokens(
+        lambda low, high, limit: fetch(
+            _STATE_DELTAS_SQL + " LIMIT ?", (low, high, instance_name, limit)
+        ),
+        lambda token: fetch(_STATE_DELTAS_AT_SQL, (token, instance_name)),
+        from_token,
+        upper,
+        per_source,
+    )
+    ex_outlier_rows = fetch(_EX_OUTLIERS_SQL, (from_token, upper, instance_name))
+    return event_rows, ex_outlier_rows, state_rows, upper, limited or state_limited
+
+
 def _merge_updates(
     event_rows: Iterable[tuple[Any, ...]],
     ex_outlier_rows: Iterable[tuple[Any, ...]],
     state_rows: Iterable[tuple[Any, ...]],
-) -> list[StreamUpdate]:
+    form: _RowForm,
+) -> list[tuple[Token, Any]]:
     """The three sources, each in token order, as one list in token order.
 
     Within a token, ``ev`` rows come first, then ``state`` and ``state-all``
     rows (the order Synapse produces).
     """
+    ev = form.ev
     return list(
         heapq.merge(
-            map(_ev_update, event_rows),
-            map(_ev_update, ex_outlier_rows),
-            _state_updates(state_rows),
-            key=lambda update: update[0],
+            ((row[0], ev(row)) for row in event_rows),
+            ((row[0], ev(row)) for row in ex_outlier_rows),
+            _state_updates(state_rows, form),
+            key=itemgetter(0),
         )
     )
 
