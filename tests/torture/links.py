@@ -195,7 +195,7 @@ class ProtocolProbe:
         transport = self.proto.transport
         if transport is not None:
             _log.info("cutting {conn} mid-line", conn=self.proto.describe())
-            transport.abortConnection()  # type: ignore[attr-defined]
+            transport.abortConnection()  # type: ignore[attr-defined]  # a TCP transport here
 
 
 # -- in memory

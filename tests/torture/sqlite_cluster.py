@@ -170,7 +170,7 @@ class SqliteWriter(WriterNode):
             limits=scenario.connection_limits,
         )
         self._port = listen_replication(REACTOR, self.tcp_port, self.factory)
-        self.tcp_port = self._port.getHost().port  # type: ignore[attr-defined]
+        self.tcp_port = self._port.getHost().port  # type: ignore[attr-defined]  # an IPv4Address here
         resource = ReplicationHttpResource(
             instance_name=WRITER,
             streams={TYPING: self.streams[TYPING]},
@@ -179,7 +179,7 @@ class SqliteWriter(WriterNode):
         )
         self._site = TrackingSite(StallingResource(resource, scenario.stall))
         self._http = listen_http(REACTOR, self.http_port, self._site)
-        self.http_port = self._http.getHost().port  # type: ignore[attr-defined]
+        self.http_port = self._http.getHost().port  # type: ignore[attr-defined]  # an IPv4Address here
         if scenario.redis_settings is not None:
             self.redis = start_client(scenario, self.handler, SERVER, WRITER)
         self.running = True
@@ -196,7 +196,7 @@ class SqliteWriter(WriterNode):
         assert self.factory is not None and self._site is not None
         for proto in list(self.factory.connections):
             if proto.transport is not None:
-                proto.transport.abortConnection()  # type: ignore[attr-defined]
+                proto.transport.abortConnection()  # type: ignore[attr-defined]  # a TCP transport here
         self._site.abort_all()
         if self.redis is not None:
             await self.redis.stop()

@@ -133,7 +133,7 @@ class PgWriter(WriterNode):
             limits=scenario.connection_limits,
         )
         self._listening = listen_replication(REACTOR, self.port, self.factory)
-        self.port = self._listening.getHost().port  # type: ignore[attr-defined]
+        self.port = self._listening.getHost().port  # type: ignore[attr-defined]  # an IPv4Address here
 
     async def _unserve(self) -> None:
         """Stop listening and drop every connection, or leave Redis."""
@@ -289,7 +289,7 @@ class TypingWriterNode(PgWriter):
         )
         self._site = TrackingSite(StallingResource(resource, scenario.stall))
         self._http = listen_http(REACTOR, self.http_port, self._site)
-        self.http_port = self._http.getHost().port  # type: ignore[attr-defined]
+        self.http_port = self._http.getHost().port  # type: ignore[attr-defined]  # an IPv4Address here
         self._serve(self.handler)
 
     async def stop(self) -> None:
@@ -449,8 +449,8 @@ class PostgresScenario(Scenario):
                 self.rng,
                 SERVER,
                 [f"!{name}{i}:{SERVER}" for i in range(3)],
-                lambda w=writer: self._stores(w).events,  # type: ignore[misc]
-                lambda w=writer: self._stores(w).receipts,  # type: ignore[misc]
+                lambda w=writer: self._stores(w).events,  # type: ignore[misc]  # a lambda with a default
+                lambda w=writer: self._stores(w).receipts,  # type: ignore[misc]  # a lambda with a default
                 name,
             )
             for name, writer in self.event_writers.items()
