@@ -34,6 +34,7 @@ from twisted.logger import (
 )
 
 from synapse_replication import __version__
+from synapse_replication._argtypes import positive_float, positive_int
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -83,26 +84,6 @@ def start_logging(verbose: bool, stream: Any = None) -> None:
 # -- argument types
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -119,21 +100,21 @@ def _port(text: str) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="how long to write (default: %(default)s)",
     )
     parser.add_argument(
         "--rate",
-        type=_positive_float,
+        type=positive_float,
         default=2000.0,
         metavar="ROWS",
         help="target rows per second over all streams (default: %(default)g)",
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         metavar="N",
         help="worker processes to start (default: %(default)s)",

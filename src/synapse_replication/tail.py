@@ -62,6 +62,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from synapse_replication._argtypes import positive_float, positive_int
 from synapse_replication._json import JsonValue
 from synapse_replication.commands import (
     COMMAND_MAP,
@@ -1574,26 +1575,6 @@ class TailOptions:
     catch_up: CatchUpOptions | None = None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def _token(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise argparse.ArgumentTypeError(f"not a stream token (a non-negative integer): {text!r}")
@@ -1677,11 +1658,11 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
         help="only this command (repeatable; '?' for lines not understood)",
     )
     out.add_argument(
-        "--count", type=_positive_int, metavar="N", help="stop after N lines (N refreshes with --stats)"
+        "--count", type=positive_int, metavar="N", help="stop after N lines (N refreshes with --stats)"
     )
     out.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="stop after this long (exit 1 if --count lines were not all printed by then)",
     )
@@ -1693,14 +1674,14 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument(
         "--stats-interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_STATS_INTERVAL,
         metavar="SECONDS",
         help="refresh period of --stats (default: %(default)g)",
     )
     out.add_argument(
         "--stats-window",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_STATS_WINDOW,
         metavar="SECONDS",
         help="rates are averaged over this many seconds (default: %(default)g)",
@@ -1730,7 +1711,7 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
     catch.add_argument("--secret-file", metavar="FILE", help="file holding the replication secret")
     catch.add_argument(
         "--catch-up-wait",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_CATCH_UP_WAIT,
         metavar="SECONDS",
         help="how long to wait for the writer's position before fetching without one "
