@@ -530,9 +530,7 @@ class ReplicationCommandHandler:
         row_count = self._limits.catch_up_row_count
         on_rdata = self._data_handler.on_rdata
         name = stream.NAME
-        next_page = Deferred.fromCoroutine(
-            _await(fetch(instance_name, token, upto_token, row_count))
-        )
+        next_page = _as_deferred(fetch(instance_name, token, upto_token, row_count))
         while True:
             groups, new_token, limited = await next_page
             if limited:
@@ -543,9 +541,7 @@ class ReplicationCommandHandler:
                     )
                 # Fetch the next page (in the database thread) while this one
                 # is delivered: at most two pages are held at once.
-                next_page = Deferred.fromCoroutine(
-                    _await(fetch(instance_name, new_token, upto_token, row_count))
-                )
+                next_page = _as_deferred(fetch(instance_name, new_token, upto_token, row_count))
             page_rows = 0
             try:
                 for row_token, rows in groups:
@@ -684,8 +680,9 @@ async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def _as_deferred(result: Awaitable[None]) -> Deferred[None]:
+def _as_deferred(result: Awaitable[T]) -> Deferred[T]:
+    """`result` as a Deferred, started now (a coroutine runs to its first wait)."""
     if isinstance(result, Deferred):
         return result
-    return Deferred.fromCoroutine(_maybe(result))
+    return Deferred.fromCoroutine(_await(result))
 
