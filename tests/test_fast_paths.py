@@ -41,6 +41,7 @@ from synapse_replication.errors import (
     CommandParseError,
     StreamRowError,
 )
+from synapse_replication.storage import events as storage_events
 from synapse_replication.streams import (
     STREAMS_MAP,
     EventsStream,
@@ -591,6 +592,73 @@ class SpeedupsTests(TypedTestCase):
             raise RuntimeError("boom")
 
         self.assertRaises(RuntimeError, build, boom, ["a"], b"s")
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(min_value=1, max_value=2**62),
+                *(st.none() | ANY_TEXT for _ in range(7)),
+                st.sampled_from((0, 1, False, True)),
+                st.sampled_from((0, 1, False, True)),
+            ),
+            max_size=20,
+        )
+    )
+    def test_group_rows_is_the_events_page_builder(self, rows: list[tuple[Any, ...]]) -> None:
+        """group_rows, as the events store uses it, makes what its pure-Python
+        twin makes: one group per row, each an `EventsStreamEventRow` with
+        bools, equal down to the types."""
+        assert SPEEDUPS is not None
+        fast = storage_events._ev_groups(rows)
+        plain = storage_events._ev_groups_py(rows)
+        self.assertEqual(fast, plain)
+        self.assertEqual(
+            [(type(t), [type(r) for r in g]) for t, g in fast],
+            [(type(t), [type(r) for r in g]) for t, g in plain],
+        )
+        for (_, [a]), (_, [b]) in zip(fast, plain, strict=True):
+            self.assertIs(type(a.rejected), bool)
+            self.assertIs(a.rejected, b.rejected)
+            self.assertIs(a.outlier, b.outlier)
+
+    def test_group_rows_errors(self) -> None:
+        """A row of the wrong shape or a bad spec is an error, not a guess."""
+        assert SPEEDUPS is not None
+        group = SPEEDUPS.group_rows
+
+        def collect(*args: Any) -> tuple[Any, ...]:
+            return args
+
+        self.assertEqual(
+            group(collect, b"ob", [(7, "a", 2), (8, None, 0)]),
+            [(7, [("a", True)]), (8, [(None, False)])],
+        )
+        self.assertEqual(group(collect, b"ob", []), [])
+        for spec, rows in (
+            (b"ob", [(7, "a")]),
+            (b"ob", [[7, "a", 1]]),
+            (b"ob", [(7, "a", 1, 2)]),
+        ):
+            with self.assertRaises(TypeError) as cm:
+                group(collect, spec, rows)
+            self.assertIn("row 0", str(cm.exception))
+        self.assertRaises(TypeError, group, collect, b"o", ((1, "a"),))
+        self.assertRaises(TypeError, group, collect, "o", [(1, "a")])
+        self.assertRaises(ValueError, group, collect, b"s", [(1, "a")])
+        self.assertRaises(ValueError, group, collect, b"o" * 17, [])
+        self.assertRaises(TypeError, group, collect, b"o")
+
+        class Untruthful:
+            def __bool__(self) -> bool:
+                raise RuntimeError("no truth")
+
+        self.assertRaises(RuntimeError, group, collect, b"b", [(1, Untruthful())])
+
+        def boom(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        self.assertRaises(RuntimeError, group, boom, b"o", [(1, "a")])
 
     def test_builder_refuses_what_is_not_a_slot(self) -> None:
         """Builder wants the class's own plain slots, and the right arguments."""

@@ -56,6 +56,8 @@ from tests.fakes import (
 
 READER: Final = "reader"
 W: Final = "writer"
+# Rows per update-function call of a catch-up with the default limits.
+DEFAULT_ROWS: Final = HandlerLimits().catch_up_row_count
 
 
 def ev(event_id: str) -> JsonValue:
@@ -532,7 +534,7 @@ class OrderingTests(HandlerTestCase):
         self.assertEqual(self.typing_source.calls, [])
         dh.release("typing")
         # The catch-up runs from the position the first row left: 1.
-        self.assertEqual(self.typing_source.calls, [(W, 1, 5, 1000)])
+        self.assertEqual(self.typing_source.calls, [(W, 1, 5, DEFAULT_ROWS)])
         dh.release("typing")
         self.assertEqual([c.token for c in dh.rdata_calls], [1, 2])
         self.assertEqual(dh.get_position("typing", W), 5)
@@ -556,7 +558,7 @@ class CatchUpFailureTests(HandlerTestCase):
             self.assertEqual(len(calls), before)
             self.clock.advance(0.01)
             self.assertEqual(len(calls), before + 1)
-        self.assertEqual(calls, [(W, 0, 3, 1000)] * 4)
+        self.assertEqual(calls, [(W, 0, 3, DEFAULT_ROWS)] * 4)
         self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(1, 4)))
         self.assertEqual(self.dh.get_position("events", W), 3)
         self.assertEqual(len(self.flushLoggedErrors(SourceError)), 3)
@@ -595,7 +597,8 @@ class CatchUpFailureTests(HandlerTestCase):
         handler.on_rdata(conn, rdata("events", 13, ev("$13")))
         self.assertEqual(self.dh.rdata_calls, self.event_calls(W, range(6, 14)))
         self.assertEqual(
-            self.events_source.calls, [(W, 5, 10, 1000), (W, 5, 10, 1000), (W, 10, 12, 1000)]
+            self.events_source.calls,
+            [(W, 5, 10, DEFAULT_ROWS), (W, 5, 10, DEFAULT_ROWS), (W, 10, 12, DEFAULT_ROWS)],
         )
         self.assertEqual(len(self.flushLoggedErrors(SourceError)), 1)
 
@@ -681,7 +684,7 @@ class StreamResetTests(HandlerTestCase):
         conn = self.connect(handler)
         handler.on_position(conn, position("typing", 3, 3))
         self.assertEqual(self.dh.resets, [("typing", W, RESET_FROM_TOKEN)])
-        self.assertEqual(self.typing_source.calls, [(W, 0, 3, 1000)])
+        self.assertEqual(self.typing_source.calls, [(W, 0, 3, DEFAULT_ROWS)])
         self.assertEqual(
             self.dh.rows_for("typing"),
             [

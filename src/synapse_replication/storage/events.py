@@ -21,6 +21,7 @@ token's rows, so the pages of any paging concatenate to the unpaged rows.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
@@ -29,6 +30,7 @@ from typing import Any, Final
 import attrs
 from twisted.internet.defer import DeferredLock
 
+from synapse_replication._accel import SPEEDUPS
 from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue, encode_json
 from synapse_replication.storage._paging import page_whole_tokens
@@ -50,6 +52,7 @@ from synapse_replication.streams.events import (
     EventsStreamEventRow,
 )
 from synapse_replication.streams.parsed import (
+    ParsedGroup,
     ParsedUpdateResult,
     UpdateFunctionWithParsed,
 )
@@ -211,6 +214,25 @@ _PARSED_ROWS: Final = _RowForm(
     ev=lambda r: _new_ev_row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9])),
     state=lambda row: _new_state_row(row[1], row[2], row[3], row[4]),
     state_all=EventsStreamAllStateRow,
+)
+
+
+def _ev_groups_py(rows: list[tuple[Any, ...]]) -> list[ParsedGroup]:
+    """One ``(token, [ev row])`` group per events row: a page of new events
+    only, which has one event per token."""
+    row = _new_ev_row
+    return [
+        (r[0], [row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9]))])
+        for r in rows
+    ]
+
+
+# The C twin builds the groups without a Python frame per row: on a catch-up,
+# this loop was a fifth of the database thread's time.
+_ev_groups: Final[Callable[[list[tuple[Any, ...]]], list[ParsedGroup]]] = (
+    _ev_groups_py
+    if SPEEDUPS is None
+    else functools.partial(SPEEDUPS.group_rows, _new_ev_row, b"ooooooobb")
 )
 
 
@@ -578,16 +600,8 @@ class EventsStore:
                 cursor, instance_name, from_token, upto_token, target_row_count
             )
             if not ex_outlier_rows and not state_rows:
-                # Most pages: one event per token, inlined `_PARSED_ROWS.ev`.
-                row = _new_ev_row
-                groups = [
-                    (
-                        r[0],
-                        [row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9]))],
-                    )
-                    for r in event_rows
-                ]
-                return groups, upper, limited
+                # Most pages: new events only, one per token.
+                return _ev_groups(event_rows), upper, limited
             updates = _merge_updates(
                 (row for row in event_rows if row[0] <= upper),
                 ex_outlier_rows,
