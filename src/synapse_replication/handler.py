@@ -87,12 +87,8 @@ class HandlerLimits:
     max_queued_commands_per_stream: int = 10_000
     # Rows with token `batch` held per (connection, stream, writer).
     max_pending_batch_rows: int = 10_000
-    # Rows asked for per call of an update function during catch-up. Each
-    # page is one hand-over between the database thread and the reactor
-    # thread, which CPython pays for dearly when the two run on different
-    # CPUs: pages of 1000 rows made a catch-up 0.45 of a bare SELECT, pages
-    # of 5000 0.57 (benchmarks/pipeline.py), for about 2 MiB more per page.
-    catch_up_row_count: int = 5_000
+    # Rows asked for per call of an update function during catch-up.
+    catch_up_row_count: int = 1_000
     # First delay, then doubled up to the maximum, before retrying a failed
     # catch-up.
     catch_up_retry_initial_s: float = 0.5
