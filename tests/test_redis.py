@@ -27,6 +27,7 @@ from synapse_replication.commands import (
     RdataCommand,
     RemoteServerUpCommand,
     UserIpCommand,
+    encode_command,
 )
 from synapse_replication.handler import ReplicationCommandHandler
 from synapse_replication.instance import (
@@ -926,6 +927,31 @@ class RedisTransportTests(unittest.TestCase):
         self.assertIn("NOT_A_COMMAND at all", warnings[0])
         self.assertIn("POSITION events master x 3", warnings[1])
         self.assertIs(client.connection, conn)
+
+    async def test_bad_user_ip_messages_show_no_token(self) -> None:
+        """A USER_IP message that cannot be read is dropped with a warning that
+        names the channel but shows none of the access token, whether it is
+        not UTF-8 or malformed; the next one is handled."""
+        server = await start_redis(self, reactor)
+        seen: list[Command] = []
+        client = self._client(
+            server, self._handler("background", seen), instance_name="background",
+            subscribe_user_ip=True,
+        )
+        await self._up(client)
+        raw = await self._raw(server)
+        await raw.execute(
+            "PUBLISH", USER_IP_CHANNEL, b'USER_IP @a:x ["syt_secret\xff","1.2.3.4","ua",null,1]'
+        )
+        await raw.execute("PUBLISH", USER_IP_CHANNEL, 'USER_IP @a:x ["syt_secret2","1.2.3.4"]')
+        good = UserIpCommand(ALICE, "syt_ok", "10.0.0.1", "agent", None, 5)
+        await raw.execute("PUBLISH", USER_IP_CHANNEL, encode_command(good).decode())
+        await wait_until(reactor, lambda: good in seen, "the good one")
+        warnings = [m for m in self._warns() if "dropping a message" in m]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("that is not UTF-8", warnings[0])
+        self.assertTrue(all(f"channel '{USER_IP_CHANNEL}'" in m for m in warnings), warnings)
+        self._assert_never_logged("syt_secret", "syt_secret2")
 
     async def test_stop_closes_both_connections(self) -> None:
         """After stop, no connection is left and none is made again."""
