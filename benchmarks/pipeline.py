@@ -44,7 +44,7 @@ What is measured (``--quick`` uses the small sizes in brackets):
    `persist_events` (10k per call) and cached in ``--workdir``: a POSITION
    makes `ReplicationCommandHandler` fetch every row through
    `EventsStore.get_updates` (pages of `HandlerLimits.catch_up_row_count`
-   rows, i.e. 500 ``ev`` rows per events query by default) into a counting data handler.
+   rows, i.e. 500 ``ev`` rows per events query) into a counting data handler.
    Reference: a bare ``sqlite3`` loop running the same events query
    (``_NEW_EVENTS_SQL`` of storage/events.py) with the same 500-row pages and
    ``fetchall``, in its own process, same file, page cache warmed first.

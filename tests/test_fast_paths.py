@@ -655,6 +655,20 @@ class SpeedupsTests(TypedTestCase):
 
         self.assertRaises(RuntimeError, group, collect, b"b", [(1, Untruthful())])
 
+        # A column that empties the list while it is read: the rows given are
+        # the rows grouped, and nothing is read from freed memory.
+        rows: list[tuple[Any, ...]] = []
+
+        class Emptier:
+            def __bool__(self) -> bool:
+                rows.clear()
+                return True
+
+        rows.extend([(1, Emptier()), (2, 0), (3, 1)])
+        self.assertEqual(
+            group(collect, b"b", rows), [(1, [(True,)]), (2, [(False,)]), (3, [(True,)])]
+        )
+
         def boom(*args: Any) -> Any:
             raise RuntimeError("boom")
 

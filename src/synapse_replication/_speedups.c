@@ -534,12 +534,18 @@ group_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    count = PyList_GET_SIZE(rows);
-    out = PyList_New(count);
-    if (out == NULL)
+    /* A snapshot: `new` or a column's __bool__ could change the list. */
+    rows = PyList_AsTuple(rows);
+    if (rows == NULL)
         return NULL;
+    count = PyTuple_GET_SIZE(rows);
+    out = PyList_New(count);
+    if (out == NULL) {
+        Py_DECREF(rows);
+        return NULL;
+    }
     for (i = 0; i < count; i++) {
-        PyObject *row = PyList_GET_ITEM(rows, i), *obj, *inner, *pair;
+        PyObject *row = PyTuple_GET_ITEM(rows, i), *obj, *inner, *pair;
         if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != n + 1) {
             PyErr_Format(PyExc_TypeError,
                          "group_rows: row %zd is not a tuple of %zd columns", i, n + 1);
@@ -574,11 +580,13 @@ group_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(pair, 1, inner);
         PyList_SET_ITEM(out, i, pair);
     }
+    Py_DECREF(rows);
     return out;
 
 error:
     /* The items not yet set are NULL, which list_dealloc skips. */
     Py_DECREF(out);
+    Py_DECREF(rows);
     return NULL;
 }
 

@@ -227,8 +227,9 @@ def _ev_groups_py(rows: list[tuple[Any, ...]]) -> list[ParsedGroup]:
     ]
 
 
-# The C twin builds the groups without a Python frame per row: on a catch-up,
-# this loop was a fifth of the database thread's time.
+# The C twin builds the groups without a Python frame per row, in about half
+# the time (0.2 against 0.4 µs a row, timed alone): a small part of a
+# catch-up's cost per row, most of which is the query and the objects.
 _ev_groups: Final[Callable[[list[tuple[Any, ...]]], list[ParsedGroup]]] = (
     _ev_groups_py
     if SPEEDUPS is None
