@@ -657,16 +657,16 @@ class SpeedupsTests(TypedTestCase):
 
         # A column that empties the list while it is read: the rows given are
         # the rows grouped, and nothing is read from freed memory.
-        rows: list[tuple[Any, ...]] = []
+        shrinking: list[tuple[Any, ...]] = []
 
         class Emptier:
             def __bool__(self) -> bool:
-                rows.clear()
+                shrinking.clear()
                 return True
 
-        rows.extend([(1, Emptier()), (2, 0), (3, 1)])
+        shrinking.extend([(1, Emptier()), (2, 0), (3, 1)])
         self.assertEqual(
-            group(collect, b"b", rows), [(1, [(True,)]), (2, [(False,)]), (3, [(True,)])]
+            group(collect, b"b", shrinking), [(1, [(True,)]), (2, [(False,)]), (3, [(True,)])]
         )
 
         def boom(*args: Any) -> Any:
