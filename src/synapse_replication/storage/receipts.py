@@ -9,7 +9,8 @@ for an unthreaded receipt, ``"main"`` or a thread root's event id otherwise;
 the unthreaded and the ``"main"`` receipt of a user are different keys.
 
 Invariant of `get_updates`: every row in ``(from_token, new_upto_token]``,
-never part of one token's rows.
+never part of one token's rows. It is an `UpdateFunctionWithParsed`: a
+catch-up gets the page's rows already parsed, built from the columns.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from twisted.logger import Logger
+
+from synapse_replication._fastattrs import fast_constructor
 from synapse_replication._json import JsonValue, decode_json, encode_json
 from synapse_replication.storage._paging import page_whole_tokens
 from synapse_replication.storage.database import Cursor, Database
@@ -24,7 +28,20 @@ from synapse_replication.storage.id_generators import (
     AbstractStreamIdGenerator,
     write_at_new_ids,
 )
-from synapse_replication.streams._base import StreamUpdate, StreamUpdateResult, Token
+from synapse_replication.streams._base import (
+    StreamUpdate,
+    StreamUpdateResult,
+    Token,
+    UpdateFunction,
+)
+from synapse_replication.streams.parsed import (
+    ParsedGroup,
+    ParsedUpdateResult,
+    UpdateFunctionWithParsed,
+)
+from synapse_replication.streams.receipts import ReceiptsStreamRow
+
+_log: Final = Logger()
 
 RECEIPTS_STREAM_NAME: Final = "receipts"
 
@@ -49,6 +66,35 @@ def _update(row: tuple[Any, ...]) -> StreamUpdate:
     return row[0], [*row[1:6], decode_json(row[6])]
 
 
+# The columns are what the row's fields hold (this store wrote them); only
+# `data`, stored as JSON text, is checked once decoded, as `parse_row` would.
+_new_row: Final = fast_constructor(ReceiptsStreamRow)
+
+
+def _parsed_groups(rows: list[tuple[Any, ...]]) -> list[ParsedGroup]:
+    """`rows` (in token order) as `ReceiptsStream` rows grouped by token: what
+    `parse_updates` makes of their JSON form."""
+    groups: list[ParsedGroup] = []
+    current: Token | None = None
+    group: list[Any] = []
+    for row in rows:
+        data = decode_json(row[6])
+        if type(data) is not dict:
+            _log.error(
+                "Dropping malformed row of stream 'receipts' in catch-up: data at token "
+                "{token} must be an object, not {data!r:.80}",
+                token=row[0],
+                data=data,
+            )
+            continue
+        if row[0] != current:
+            current = row[0]
+            group = []
+            groups.append((current, group))
+        group.append(_new_row(row[1], row[2], row[3], row[4], row[5], data))
+    return groups
+
+
 class ReceiptsStore:
     """Writes receipts for one writer instance and reads them back as
     `receipts` stream rows.
@@ -68,6 +114,11 @@ class ReceiptsStore:
         self._id_gen = id_gen
         self._instance_name = instance_name
         self._notify = notify
+        # The `receipts` stream's update function, whose parsed form
+        # (`get_parsed_updates`) a catch-up uses.
+        self.get_updates: Final[UpdateFunction] = UpdateFunctionWithParsed(
+            self._get_updates, self.get_parsed_updates
+        )
 
     async def insert_receipt(
         self,
@@ -128,32 +179,45 @@ class ReceiptsStore:
         """The receipts stream's current token for writer `instance_name`."""
         return self._id_gen.get_current_token_for_writer(instance_name)
 
-    async def get_updates(
+    async def _get_updates(
         self,
         instance_name: str,
         from_token: Token,
         upto_token: Token,
         target_row_count: int,
     ) -> StreamUpdateResult:
-        """The `receipts` stream's update function."""
+        """`get_updates` in JSON form."""
         if from_token >= upto_token:
             return [], upto_token, False
 
         def read(cursor: Cursor) -> StreamUpdateResult:
-            def fetch_range(low: int, high: int, limit: int) -> list[tuple[Any, ...]]:
-                cursor.execute(_RANGE_SQL, (low, high, instance_name, limit))
-                return cursor.fetchall()
-
-            def fetch_token(token: int) -> list[tuple[Any, ...]]:
-                cursor.execute(_AT_SQL, (token, instance_name))
-                return cursor.fetchall()
-
-            rows, upper, limited = page_whole_tokens(
-                fetch_range, fetch_token, from_token, upto_token, target_row_count
+            rows, upper, limited = _read_page(
+                cursor, instance_name, from_token, upto_token, target_row_count
             )
             return [_update(row) for row in rows], upper, limited
 
         return await self._db.run_interaction("get_receipts_updates", read)
+
+    async def get_parsed_updates(
+        self,
+        instance_name: str,
+        from_token: Token,
+        upto_token: Token,
+        target_row_count: int,
+    ) -> ParsedUpdateResult:
+        """`get_updates`' page as `ReceiptsStream` rows grouped by token, for a
+        catch-up: built from the columns in the database thread, without the
+        JSON form and its parsing."""
+        if from_token >= upto_token:
+            return [], upto_token, False
+
+        def read(cursor: Cursor) -> ParsedUpdateResult:
+            rows, upper, limited = _read_page(
+                cursor, instance_name, from_token, upto_token, target_row_count
+            )
+            return _parsed_groups(rows), upper, limited
+
+        return await self._db.run_interaction("get_receipts_parsed_updates", read)
 
     async def get_receipt(
         self, room_id: str, receipt_type: str, user_id: str, thread_id: str | None
@@ -174,3 +238,23 @@ class ReceiptsStore:
             return None
         stream_id, event_id, data = rows[0]
         return stream_id, event_id, decode_json(data)
+
+
+def _read_page(
+    cursor: Cursor,
+    instance_name: str,
+    from_token: Token,
+    upto_token: Token,
+    target_row_count: int,
+) -> tuple[list[tuple[Any, ...]], Token, bool]:
+    """The rows of one page of `get_updates`, whole tokens only."""
+
+    def fetch_range(low: int, high: int, limit: int) -> list[tuple[Any, ...]]:
+        cursor.execute(_RANGE_SQL, (low, high, instance_name, limit))
+        return cursor.fetchall()
+
+    def fetch_token(token: int) -> list[tuple[Any, ...]]:
+        cursor.execute(_AT_SQL, (token, instance_name))
+        return cursor.fetchall()
+
+    return page_whole_tokens(fetch_range, fetch_token, from_token, upto_token, target_row_count)
