@@ -190,18 +190,27 @@ _STATE_DELTAS_AT_SQL: Final = """
 
 @attrs.frozen
 class _RowForm:
-    """How `_merge_updates` makes each kind of row: the JSON form of
-    `get_updates`, or the parsed one of `get_parsed_updates`."""
+    """The form a page's rows are handed over in: the JSON form of
+    `get_updates`, or the parsed one of `get_parsed_updates`.
+
+    `ev`, `state` and `state_all` make each kind of row for `_merge_updates`,
+    whose ``(token, row)`` list `finish` turns into the page; `events_page`
+    makes the page at once when it holds new events only (nearly always).
+    """
 
     ev: Callable[[tuple[Any, ...]], Any]
     state: Callable[[tuple[Any, ...]], Any]
     state_all: Callable[[str], Any]
+    events_page: Callable[[list[tuple[Any, ...]]], list[Any]]
+    finish: Callable[[list[tuple[Token, Any]]], list[Any]]
 
 
 _JSON_ROWS: Final = _RowForm(
     ev=lambda row: ["ev", list(row[1:])],
     state=lambda row: ["state", list(row[1:])],
     state_all=lambda room_id: ["state-all", [room_id]],
+    events_page=lambda rows: [(row[0], ["ev", list(row[1:])]) for row in rows],
+    finish=lambda updates: updates,
 )
 # The rows `EventsStream.parse_row` makes from the JSON form, built from the
 # columns: they are what `parse_row` checks, as stored, and the booleans come
@@ -210,13 +219,6 @@ _JSON_ROWS: Final = _RowForm(
 # hold (this store wrote them), so no check is skipped that would catch anything.
 _new_ev_row: Final = fast_constructor(EventsStreamEventRow)
 _new_state_row: Final = fast_constructor(EventsStreamCurrentStateRow)
-_PARSED_ROWS: Final = _RowForm(
-    ev=lambda r: _new_ev_row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9])),
-    state=lambda row: _new_state_row(row[1], row[2], row[3], row[4]),
-    state_all=EventsStreamAllStateRow,
-)
-
-
 def _ev_groups_py(rows: list[tuple[Any, ...]]) -> list[ParsedGroup]:
     """One ``(token, [ev row])`` group per events row: a page of new events
     only, which has one event per token."""
@@ -234,6 +236,13 @@ _ev_groups: Final[Callable[[list[tuple[Any, ...]]], list[ParsedGroup]]] = (
     _ev_groups_py
     if SPEEDUPS is None
     else functools.partial(SPEEDUPS.group_rows, _new_ev_row, b"ooooooobb")
+)
+_PARSED_ROWS: Final = _RowForm(
+    ev=lambda r: _new_ev_row(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), bool(r[9])),
+    state=lambda row: _new_state_row(row[1], row[2], row[3], row[4]),
+    state_all=EventsStreamAllStateRow,
+    events_page=_ev_groups,
+    finish=lambda updates: list(group_updates_by_token(updates)),
 )
 
 
@@ -562,25 +571,9 @@ class EventsStore:
         target_row_count: int,
     ) -> StreamUpdateResult:
         """`get_updates` in JSON form (see the module docstring)."""
-        if from_token >= upto_token:
-            return [], upto_token, False
-
-        def read(cursor: Cursor) -> StreamUpdateResult:
-            event_rows, ex_outlier_rows, state_rows, upper, limited = _read_page(
-                cursor, instance_name, from_token, upto_token, target_row_count
-            )
-            if not ex_outlier_rows and not state_rows:
-                # Nearly always: new events only, already in token order.
-                return [(row[0], ["ev", list(row[1:])]) for row in event_rows], upper, limited
-            updates = _merge_updates(
-                (row for row in event_rows if row[0] <= upper),
-                ex_outlier_rows,
-                state_rows,
-                _JSON_ROWS,
-            )
-            return updates, upper, limited
-
-        return await self._db.run_interaction("get_events_updates", read)
+        return await self._page(
+            "get_events_updates", _JSON_ROWS, instance_name, from_token, upto_token, target_row_count
+        )
 
     async def get_parsed_updates(
         self,
@@ -593,25 +586,43 @@ class EventsStore:
         catch-up: the rows are built straight from the columns, in the
         database thread, without the JSON form and its parsing (which together
         cost as much CPU as the query)."""
+        return await self._page(
+            "get_events_parsed_updates",
+            _PARSED_ROWS,
+            instance_name,
+            from_token,
+            upto_token,
+            target_row_count,
+        )
+
+    async def _page(
+        self,
+        desc: str,
+        form: _RowForm,
+        instance_name: str,
+        from_token: Token,
+        upto_token: Token,
+        target_row_count: int,
+    ) -> tuple[list[Any], Token, bool]:
+        """One page of `get_updates` in `form`."""
         if from_token >= upto_token:
             return [], upto_token, False
 
-        def read(cursor: Cursor) -> ParsedUpdateResult:
+        def read(cursor: Cursor) -> tuple[list[Any], Token, bool]:
             event_rows, ex_outlier_rows, state_rows, upper, limited = _read_page(
                 cursor, instance_name, from_token, upto_token, target_row_count
             )
             if not ex_outlier_rows and not state_rows:
-                # Most pages: new events only, one per token.
-                return _ev_groups(event_rows), upper, limited
+                return form.events_page(event_rows), upper, limited
             updates = _merge_updates(
                 (row for row in event_rows if row[0] <= upper),
                 ex_outlier_rows,
                 state_rows,
-                _PARSED_ROWS,
+                form,
             )
-            return list(group_updates_by_token(updates)), upper, limited
+            return form.finish(updates), upper, limited
 
-        return await self._db.run_interaction("get_events_parsed_updates", read)
+        return await self._db.run_interaction(desc, read)
 
     async def get_all_rows(self, instance_name: str) -> list[StreamUpdate]:
         """Every row `instance_name` wrote up to the current token, through

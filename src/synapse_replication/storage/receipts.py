@@ -66,6 +66,10 @@ def _update(row: tuple[Any, ...]) -> StreamUpdate:
     return row[0], [*row[1:6], decode_json(row[6])]
 
 
+def _json_updates(rows: list[tuple[Any, ...]]) -> list[StreamUpdate]:
+    return [_update(row) for row in rows]
+
+
 # The columns are what the row's fields hold (this store wrote them); only
 # `data`, stored as JSON text, is checked once decoded, as `parse_row` would.
 _new_row: Final = fast_constructor(ReceiptsStreamRow)
@@ -187,16 +191,14 @@ class ReceiptsStore:
         target_row_count: int,
     ) -> StreamUpdateResult:
         """`get_updates` in JSON form."""
-        if from_token >= upto_token:
-            return [], upto_token, False
-
-        def read(cursor: Cursor) -> StreamUpdateResult:
-            rows, upper, limited = _read_page(
-                cursor, instance_name, from_token, upto_token, target_row_count
-            )
-            return [_update(row) for row in rows], upper, limited
-
-        return await self._db.run_interaction("get_receipts_updates", read)
+        return await self._page(
+            "get_receipts_updates",
+            _json_updates,
+            instance_name,
+            from_token,
+            upto_token,
+            target_row_count,
+        )
 
     async def get_parsed_updates(
         self,
@@ -208,16 +210,43 @@ class ReceiptsStore:
         """`get_updates`' page as `ReceiptsStream` rows grouped by token, for a
         catch-up: built from the columns in the database thread, without the
         JSON form and its parsing."""
+        return await self._page(
+            "get_receipts_parsed_updates",
+            _parsed_groups,
+            instance_name,
+            from_token,
+            upto_token,
+            target_row_count,
+        )
+
+    async def _page(
+        self,
+        desc: str,
+        form: Callable[[list[tuple[Any, ...]]], list[Any]],
+        instance_name: str,
+        from_token: Token,
+        upto_token: Token,
+        target_row_count: int,
+    ) -> tuple[list[Any], Token, bool]:
+        """One page of `get_updates`, whole tokens only, its rows made by `form`."""
         if from_token >= upto_token:
             return [], upto_token, False
 
-        def read(cursor: Cursor) -> ParsedUpdateResult:
-            rows, upper, limited = _read_page(
-                cursor, instance_name, from_token, upto_token, target_row_count
-            )
-            return _parsed_groups(rows), upper, limited
+        def read(cursor: Cursor) -> tuple[list[Any], Token, bool]:
+            def fetch_range(low: int, high: int, limit: int) -> list[tuple[Any, ...]]:
+                cursor.execute(_RANGE_SQL, (low, high, instance_name, limit))
+                return cursor.fetchall()
 
-        return await self._db.run_interaction("get_receipts_parsed_updates", read)
+            def fetch_token(token: int) -> list[tuple[Any, ...]]:
+                cursor.execute(_AT_SQL, (token, instance_name))
+                return cursor.fetchall()
+
+            rows, upper, limited = page_whole_tokens(
+                fetch_range, fetch_token, from_token, upto_token, target_row_count
+            )
+            return form(rows), upper, limited
+
+        return await self._db.run_interaction(desc, read)
 
     async def get_receipt(
         self, room_id: str, receipt_type: str, user_id: str, thread_id: str | None
@@ -239,22 +268,3 @@ class ReceiptsStore:
         stream_id, event_id, data = rows[0]
         return stream_id, event_id, decode_json(data)
 
-
-def _read_page(
-    cursor: Cursor,
-    instance_name: str,
-    from_token: Token,
-    upto_token: Token,
-    target_row_count: int,
-) -> tuple[list[tuple[Any, ...]], Token, bool]:
-    """The rows of one page of `get_updates`, whole tokens only."""
-
-    def fetch_range(low: int, high: int, limit: int) -> list[tuple[Any, ...]]:
-        cursor.execute(_RANGE_SQL, (low, high, instance_name, limit))
-        return cursor.fetchall()
-
-    def fetch_token(token: int) -> list[tuple[Any, ...]]:
-        cursor.execute(_AT_SQL, (token, instance_name))
-        return cursor.fetchall()
-
-    return page_whole_tokens(fetch_range, fetch_token, from_token, upto_token, target_row_count)
